@@ -1,0 +1,161 @@
+"""The training loop: micro-batches, optimizer step, bias update, validation, metrics, checkpoints.
+
+Written for one process now; the seams where parallelism plugs in are explicit arguments:
+``dp_rank``/``dp_size`` slice the global batch, ``reduce_load`` sums expert loads over ranks, and
+``process_group`` shards checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm import tqdm
+
+from dsv3_train import schedule
+from dsv3_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsv3_train.config import Config, TrainConfig
+from dsv3_train.data import PackedSampler, TokenDataset, validation_batches
+from dsv3_train.metrics import MetricsLogger, format_line
+from dsv3_train.model import Transformer, update_expert_biases
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (ndim >= 2) and none on norm gains."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+
+
+def autocast_context(precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model: Transformer, dataset: TokenDataset, run_dir: Path,
+                 logger: Optional[MetricsLogger] = None, dp_rank: int = 0, dp_size: int = 1,
+                 reduce_load: Optional[Callable[[torch.Tensor], None]] = None):
+        self.cfg, self.model, self.dataset = cfg, model, dataset
+        self.run_dir = Path(run_dir)
+        self.logger = logger
+        self.reduce_load = reduce_load
+        tc = cfg.train
+        self.optimizer = build_optimizer(model, tc)
+        global_batch = tc.micro_batch_size * tc.grad_accum * dp_size
+        self.sampler = PackedSampler(dataset.train, tc.seq_len, global_batch, tc.seed, dp_rank, dp_size)
+        self.val_batches = validation_batches(dataset.val, tc.seq_len, tc.micro_batch_size, tc.eval_batches)
+        self.tokens_per_step = global_batch * tc.seq_len
+        self.step = 0
+        self.history: list[dict] = []
+
+    # ----------------------------------------------------------------- state
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> Path:
+        state = {"step": self.step, "sampler": self.sampler.state_dict(),
+                 "wandb_id": self.logger.wandb_id if self.logger else None}
+        return save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, state,
+                               keep_last=self.cfg.checkpoint.keep_last)
+
+    def resume(self) -> Optional[Path]:
+        """Restore from checkpoint.resume ('auto': the run's latest); returns the path used."""
+        choice = self.cfg.checkpoint.resume
+        if choice == "never":
+            return None
+        path = latest_checkpoint(self.checkpoint_root) if choice == "auto" else Path(choice)
+        if path is None:
+            return None
+        state = load_checkpoint(path, self.model, self.optimizer)
+        self.step = state["step"]
+        self.sampler.load_state_dict(state["sampler"])
+        return path
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> list[dict]:
+        """Train until train.steps; returns the metrics of every step run here."""
+        tc = self.cfg.train
+        progress = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                        disable=not (self.logger and self.logger.enabled and self.cfg.logger.progress))
+        while self.step < tc.steps:
+            metrics = self.train_step()
+            if self._due(tc.eval_every) or self.step == 1:
+                metrics["val_loss"] = self.evaluate()
+            self._report(metrics, progress)
+            every = self.cfg.checkpoint.every
+            if (every and self.step % every == 0) or self.step == tc.steps:
+                self.save()
+        progress.close()
+        return self.history
+
+    def _due(self, every: int) -> bool:
+        return self.step % every == 0 or self.step == self.cfg.train.steps
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns its metrics."""
+        tc, step = self.cfg.train, self.step
+        start = time.perf_counter()
+        lr = schedule.learning_rate(tc, step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        lam = schedule.mtp_weight(tc, step)
+        self.model.train()
+        sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        for micro_batch in self.sampler.next_batch().chunk(tc.grad_accum):
+            with autocast_context(tc.precision):
+                terms = self.model.loss(micro_batch, lam, self._eos_id())
+            (terms.total / tc.grad_accum).backward()
+            sums["loss"] += terms.total.item() / tc.grad_accum
+            sums["main_loss"] += terms.main.item() / tc.grad_accum
+            sums["mtp_loss"] += sum(m.item() for m in terms.mtp) / max(1, len(terms.mtp)) / tc.grad_accum
+            sums["balance_loss"] += terms.balance.item() / tc.grad_accum
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loads = update_expert_biases(self.model, schedule.bias_update_speed(tc, step), self.reduce_load)
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        return {"step": self.step, **sums, "lr": lr, "mtp_weight": lam, "grad_norm": grad_norm.item(),
+                "tokens_per_s": self.tokens_per_step / elapsed, **_load_metrics(loads)}
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token cross-entropy on the fixed held-out batches."""
+        self.model.eval()
+        losses = []
+        for batch in self.val_batches:
+            with autocast_context(self.cfg.train.precision):
+                losses.append(self.model.loss(batch, 0.0, self._eos_id()).main.item())
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def _eos_id(self) -> Optional[int]:
+        return self.dataset.eos_id if self.cfg.train.mask_cross_document else None
+
+    def _report(self, metrics: dict, progress: tqdm) -> None:
+        self.history.append(metrics)
+        if self.logger is None or not self.logger.enabled:
+            return
+        self.logger.log(metrics)
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+        if "val_loss" in metrics or self._due(self.cfg.train.log_every):
+            progress.write(format_line(metrics))
+
+
+def _load_metrics(loads: dict[str, torch.Tensor]) -> dict:
+    """Per MoE layer: max/mean expert load, and the load fraction of every expert."""
+    if not loads:
+        return {}
+    ratios = {name: (load.max() / load.mean().clamp_min(1e-9)).item() for name, load in loads.items()}
+    fractions = {name: (load / load.sum().clamp_min(1e-9)).tolist() for name, load in loads.items()}
+    return {"load_max_mean": max(ratios.values()), "expert_load_max_mean": ratios,
+            "expert_load": fractions}
