@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -54,7 +55,9 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     _barrier(process_group)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
-    dcp.save(state, checkpoint_id=str(staging), process_group=process_group, no_dist=not _distributed())
+    with warnings.catch_warnings():  # DCP warns that a single process is single-process
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(staging), process_group=process_group, no_dist=not _distributed())
     if is_writer:
         (staging / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))
         _fsync_dir(staging)
@@ -76,7 +79,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                                 f"(no {TRAINER_STATE}): point it at a {STEP_PREFIX}* directory")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
-    dcp.load(state, checkpoint_id=str(path), process_group=process_group, no_dist=not _distributed())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path), process_group=process_group, no_dist=not _distributed())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(state["rng"])
     return json.loads((path / TRAINER_STATE).read_text())

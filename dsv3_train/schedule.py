@@ -8,9 +8,10 @@ from dsv3_train.config import TrainConfig
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
     """Linear warmup to lr, constant until decay_start_frac, cosine down to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_start = max(cfg.warmup_steps, int(cfg.decay_start_frac * cfg.steps))
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    decay_start = max(warmup, int(cfg.decay_start_frac * cfg.steps))
     if step < decay_start:
         return cfg.lr
     progress = min(1.0, (step - decay_start) / max(1, cfg.steps - 1 - decay_start))

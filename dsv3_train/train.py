@@ -17,8 +17,9 @@ from dsv3_train.config import Config, ConfigError, register_configs, to_config
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
-def run(cfg: Config) -> list[dict]:
-    """Train one run described by cfg; returns the per-step metrics."""
+def run(cfg: Config, stop_at: int | None = None) -> list[dict]:
+    """Train one run described by cfg (resuming its latest checkpoint when there is one);
+    returns the metrics of the steps run. ``stop_at`` ends early after that step."""
     from dsv3_train.data import build_dataset, check_source
     from dsv3_train.metrics import MetricsLogger
     from dsv3_train.model import Transformer
@@ -46,7 +47,7 @@ def run(cfg: Config) -> list[dict]:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters; run dir {run_dir}")
     try:
-        return trainer.fit()
+        return trainer.fit(stop_at)
     finally:
         logger.close()
 

@@ -79,12 +79,14 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ loop
-    def fit(self) -> list[dict]:
-        """Train until train.steps; returns the metrics of every step run here."""
+    def fit(self, stop_at: Optional[int] = None) -> list[dict]:
+        """Train until train.steps (or stop early after step stop_at, as a crash would); returns
+        the metrics of every step run here."""
         tc = self.cfg.train
+        last = tc.steps if stop_at is None else min(stop_at, tc.steps)
         progress = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True,
                         disable=not (self.logger and self.logger.enabled and self.cfg.logger.progress))
-        while self.step < tc.steps:
+        while self.step < last:
             metrics = self.train_step()
             if self._due(tc.eval_every) or self.step == 1:
                 metrics["val_loss"] = self.evaluate()
@@ -107,13 +109,14 @@ class Trainer:
             group["lr"] = lr
         lam = schedule.mtp_weight(tc, step)
         self.model.train()
-        sums = {"loss": 0.0, "main_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        # loss: next-token cross-entropy (comparable to val_loss); total_loss: what is optimised.
+        sums = {"loss": 0.0, "total_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         for micro_batch in self.sampler.next_batch().chunk(tc.grad_accum):
             with autocast_context(tc.precision):
                 terms = self.model.loss(micro_batch, lam, self._eos_id())
             (terms.total / tc.grad_accum).backward()
-            sums["loss"] += terms.total.item() / tc.grad_accum
-            sums["main_loss"] += terms.main.item() / tc.grad_accum
+            sums["loss"] += terms.main.item() / tc.grad_accum
+            sums["total_loss"] += terms.total.item() / tc.grad_accum
             sums["mtp_loss"] += sum(m.item() for m in terms.mtp) / max(1, len(terms.mtp)) / tc.grad_accum
             sums["balance_loss"] += terms.balance.item() / tc.grad_accum
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
