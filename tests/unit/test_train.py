@@ -108,3 +108,14 @@ def test_plot_writes_loss_and_expert_load_pngs(corpus, tmp_path):
     for name in ("loss.png", "expert_load.png"):
         png = tmp_path / "plotted" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_wandb_logger_runs_offline_and_keeps_its_run_id(corpus, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tiny_config(corpus, tmp_path / "wb", steps=3)
+    cfg.logger.kind, cfg.logger.mode = "wandb", "offline"
+    run(cfg)
+    state = json.loads((tmp_path / "wb" / "checkpoints" / "step_00000003" / "trainer_state.json").read_text())
+    assert state["wandb_id"]
+    assert any((tmp_path / "wb" / "wandb").iterdir())
