@@ -33,7 +33,7 @@ def train(gamma: float, steps: int, overrides: list[str], out: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     register_configs()

@@ -144,7 +144,7 @@ class ModelConfig:
 class TrainConfig:
     """The optimisation loop: batch, schedule, precision, balancing schedules."""
 
-    steps: int = 300
+    steps: int = 500
     """Optimizer steps to train for."""
     seq_len: int = 128
     """Tokens per training sequence."""

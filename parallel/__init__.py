@@ -1,0 +1,1 @@
+"""Everything that knows about more than one process: mesh, expert parallelism, ZeRO, pipelines."""
