@@ -18,6 +18,7 @@ setup(
         "tqdm",
         "matplotlib",
         "wandb",
+        "safetensors",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "pytest-xdist", "transformers>=4.48", "safetensors"],
