@@ -28,6 +28,7 @@ setup(
         "console_scripts": [
             "dsv3-train=dsv3_train.train:main",
             "dsv3-plot=dsv3_train.plot:main",
+            "dsv3-generate=dsv3_train.generate:main",
         ],
     },
 )
