@@ -4,7 +4,10 @@ Layout: ``<run_dir>/checkpoints/step_00000100/`` holding DCP shards (model, opti
 ``trainer_state.json`` (step, data position, logger ids). A checkpoint is written into a hidden
 temporary directory and renamed into place, so a crash mid-save never leaves a half-written
 ``step_*`` directory; the previous checkpoint stays loadable. The same format serves the sharded
-multi-rank case: every rank passes its process group and writes its own shards.
+multi-rank case: every rank writes its own shards, and DCP reshards on load, so a checkpoint
+resumes at another data/expert-parallel layout. ``layout`` (see
+``parallel.distributed.ExpertCheckpointLayout``) translates tensors whose global shape DCP cannot
+see on its own, such as expert-parallel weights, to and from a global form.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ def _distributed() -> bool:
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], keep_last: int = 2,
-                    process_group: Optional[dist.ProcessGroup] = None) -> Path:
+                    process_group: Optional[dist.ProcessGroup] = None, layout=None) -> Path:
     """Write step's checkpoint atomically and prune all but the newest keep_last."""
     root = Path(root)
     final = checkpoint_dir(root, step)
@@ -54,6 +57,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         staging.mkdir(parents=True)
     _barrier(process_group)
     model_state, optim_state = get_state_dict(model, optimizer)
+    if layout is not None:
+        layout.to_global(model_state, optim_state)
     state = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
     with warnings.catch_warnings():  # DCP warns that a single process is single-process
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -71,17 +76,21 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    process_group: Optional[dist.ProcessGroup] = None) -> dict[str, Any]:
+                    process_group: Optional[dist.ProcessGroup] = None, layout=None) -> dict[str, Any]:
     """Restore model, optimizer and RNG in place from path; return the trainer state."""
     path = Path(path)
     if not (path / TRAINER_STATE).exists():
         raise FileNotFoundError(f"checkpoint.resume ({path}) is not a complete checkpoint directory "
                                 f"(no {TRAINER_STATE}): point it at a {STEP_PREFIX}* directory")
     model_state, optim_state = get_state_dict(model, optimizer)
+    if layout is not None:
+        layout.to_global(model_state, optim_state)  # templates of the global shapes
     state = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path), process_group=process_group, no_dist=not _distributed())
+    if layout is not None:
+        layout.to_local(state["model"], state["optim"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     torch.set_rng_state(state["rng"])
     return json.loads((path / TRAINER_STATE).read_text())

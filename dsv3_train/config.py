@@ -277,6 +277,30 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the world is split: pipeline x data, with experts sharded inside the data axis."""
+
+    pp: int = 1
+    """Pipeline stages (1 until the pipeline schedules land)."""
+    dp: int = 1
+    """Data-parallel ranks; dense parameters are ZeRO-sharded over them."""
+    ep: int = 1
+    """Expert-parallel ranks inside dp: each holds n_routed_experts / ep experts."""
+    zero_stage: int = 1
+    """ZeRO stage via FSDP2: 1 and 2 shard optimizer states and gradients (same traffic), 3 params too."""
+
+    def __post_init__(self) -> None:
+        _require(self.pp == 1, f"parallel.pp ({self.pp}) > 1 is not supported by the trainer yet "
+                               f"(pipeline schedules are a separate feature): set parallel.pp=1")
+        _require(self.zero_stage in (1, 2, 3),
+                 f"parallel.zero_stage ({self.zero_stage}) must be 1, 2 or 3")
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp
+
+
+@dataclass
 class Config:
     """Everything one training run needs."""
 
@@ -285,6 +309,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     name: str = "toy"
     """Run name; the run directory defaults to runs/<name>."""
     run_dir: str = "runs/toy"
@@ -299,6 +324,9 @@ class Config:
         _require(self.train.seq_len <= self.model.max_seq_len,
                  f"train.seq_len ({self.train.seq_len}) exceeds model.max_seq_len "
                  f"({self.model.max_seq_len}): raise max_seq_len or shorten seq_len")
+        from parallel.mesh import ParallelDims
+
+        ParallelDims(self.parallel.pp, self.parallel.dp, self.parallel.ep).validate(model=self.model)
         _require(self.model.mtp_depth < self.train.seq_len,
                  f"model.mtp_depth ({self.model.mtp_depth}) must be < train.seq_len "
                  f"({self.train.seq_len})")
@@ -319,6 +347,7 @@ def register_configs() -> None:
     store.store(group="data", name="base_data", node=DataConfig)
     store.store(group="logger", name="base_logger", node=LoggerConfig)
     store.store(group="checkpoint", name="base_checkpoint", node=CheckpointConfig)
+    store.store(group="parallel", name="base_parallel", node=ParallelConfig)
 
 
 def to_config(cfg) -> Config:

@@ -19,37 +19,68 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 def run(cfg: Config, stop_at: int | None = None) -> list[dict]:
     """Train one run described by cfg (resuming its latest checkpoint when there is one);
-    returns the metrics of the steps run. ``stop_at`` ends early after that step."""
-    from dsv3_train.data import build_dataset, check_source
+    returns the metrics of the steps run. ``stop_at`` ends early after that step.
+
+    Launched by torchrun with WORLD_SIZE > 1, it joins the process group, builds the mesh, shards
+    the model (experts over ep, ZeRO over dp) and trains with rank 0 logging."""
+    from dsv3_train.data import check_source
+    from parallel import distributed
+
+    check_source(cfg.data)
+    dims = distributed.check_launch(cfg)  # refuses a bad layout before any process group exists
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    owns_group = not torch.distributed.is_initialized()  # a test harness may have joined already
+    mesh = distributed.init_mesh(dims) if dims.world_size > 1 else None
+    try:
+        return _train(cfg, mesh, stop_at)
+    finally:
+        if mesh is not None and owns_group:
+            distributed.destroy()
+
+
+def _train(cfg: Config, mesh, stop_at: int | None) -> list[dict]:
+    from dsv3_train.data import build_dataset
     from dsv3_train.metrics import MetricsLogger
     from dsv3_train.model import Transformer
     from dsv3_train.trainer import Trainer
+    from parallel import distributed
 
-    check_source(cfg.data)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    is_main = mesh is None or torch.distributed.get_rank() == 0
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dataset = build_dataset(cfg.data, cfg.model.vocab_size, progress=cfg.logger.progress)
-    torch.manual_seed(cfg.train.seed)
+    if is_main:  # rank 0 builds the token cache; the others then read it
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dataset = build_dataset(cfg.data, cfg.model.vocab_size, progress=cfg.logger.progress)
+    if mesh is not None:
+        torch.distributed.barrier()
+    if not is_main:
+        dataset = build_dataset(cfg.data, cfg.model.vocab_size, progress=False)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = Transformer(cfg.model)
-    trainer = Trainer(cfg, model, dataset, run_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    runtime = None
+    if mesh is not None:
+        distributed.parallelize(model, mesh, cfg.parallel.zero_stage)
+        runtime = distributed.DistributedRuntime(mesh, model)
+    trainer = Trainer(cfg, model, dataset, run_dir, runtime=runtime)
     resumed = trainer.resume()
     wandb_id = None
-    if resumed is not None:
+    if resumed is not None and is_main:
         print(f"resumed from {resumed} at step {trainer.step}")
         wandb_id = _read_wandb_id(resumed)
-    logger = MetricsLogger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)),
-                           wandb_id=wandb_id)
-    if resumed is not None:
-        logger.truncate_after(trainer.step)
-    trainer.logger = logger
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters; run dir {run_dir}")
+    if is_main:
+        logger = MetricsLogger(cfg.logger, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)),
+                               wandb_id=wandb_id)
+        if resumed is not None:
+            logger.truncate_after(trainer.step)
+        trainer.logger = logger
+        layout = f" on {mesh.dims.world_size} ranks (dp {mesh.dims.dp}, ep {mesh.dims.ep})" if mesh else ""
+        print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters{layout}; run dir {run_dir}")
     try:
         return trainer.fit(stop_at)
     finally:
-        logger.close()
+        if trainer.logger is not None:
+            trainer.logger.close()
 
 
 def _read_wandb_id(checkpoint: Path):

@@ -1,15 +1,16 @@
 """The training loop: micro-batches, optimizer step, bias update, validation, metrics, checkpoints.
 
-Written for one process now; the seams where parallelism plugs in are explicit arguments:
-``dp_rank``/``dp_size`` slice the global batch, ``reduce_load`` sums expert loads over ranks, and
-``process_group`` shards checkpoints.
+Everything that differs between one process and many goes through a *runtime*: ``LocalRuntime``
+below, or ``parallel.distributed.DistributedRuntime``, which slices the global batch by data-parallel
+rank, synchronises gradients once per step, clips by the global norm over all shards, sums expert
+loads over ranks before the bias update, averages metrics, and shards checkpoints.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from tqdm import tqdm
@@ -20,6 +21,29 @@ from dsv3_train.config import Config, TrainConfig
 from dsv3_train.data import PackedSampler, TokenDataset, validation_batches
 from dsv3_train.metrics import MetricsLogger, format_line
 from dsv3_train.model import Transformer, update_expert_biases
+
+
+class LocalRuntime:
+    """One process: no slicing, no communication."""
+
+    dp_rank, dp_size, is_main = 0, 1, True
+    reduce_load = None
+    checkpoint_layout = None
+
+    def grad_sync(self, model: torch.nn.Module, enabled: bool) -> None:
+        pass
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def mean(self, values: list[float]) -> list[float]:
+        return values
+
+    def barrier(self) -> None:
+        pass
+
+    def reshard(self, model: torch.nn.Module) -> None:
+        pass
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -38,17 +62,19 @@ def autocast_context(precision: str):
 
 
 class Trainer:
+    """Trains ``model`` (already parallelised when ``runtime`` is distributed); the global batch is
+    micro_batch_size x grad_accum x dp sequences."""
+
     def __init__(self, cfg: Config, model: Transformer, dataset: TokenDataset, run_dir: Path,
-                 logger: Optional[MetricsLogger] = None, dp_rank: int = 0, dp_size: int = 1,
-                 reduce_load: Optional[Callable[[torch.Tensor], None]] = None):
+                 logger: Optional[MetricsLogger] = None, runtime=None):
         self.cfg, self.model, self.dataset = cfg, model, dataset
         self.run_dir = Path(run_dir)
         self.logger = logger
-        self.reduce_load = reduce_load
-        tc = cfg.train
+        self.runtime = runtime if runtime is not None else LocalRuntime()
+        tc, rt = cfg.train, self.runtime
         self.optimizer = build_optimizer(model, tc)
-        global_batch = tc.micro_batch_size * tc.grad_accum * dp_size
-        self.sampler = PackedSampler(dataset.train, tc.seq_len, global_batch, tc.seed, dp_rank, dp_size)
+        global_batch = tc.micro_batch_size * tc.grad_accum * rt.dp_size
+        self.sampler = PackedSampler(dataset.train, tc.seq_len, global_batch, tc.seed, rt.dp_rank, rt.dp_size)
         self.val_batches = validation_batches(dataset.val, tc.seq_len, tc.micro_batch_size, tc.eval_batches)
         self.tokens_per_step = global_batch * tc.seq_len
         self.step = 0
@@ -60,10 +86,12 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def save(self) -> Path:
+        self.runtime.reshard(self.model)  # ZeRO shards, not gathered parameters, go to disk
         state = {"step": self.step, "sampler": self.sampler.state_dict(),
                  "wandb_id": self.logger.wandb_id if self.logger else None}
         return save_checkpoint(self.checkpoint_root, self.step, self.model, self.optimizer, state,
-                               keep_last=self.cfg.checkpoint.keep_last)
+                               keep_last=self.cfg.checkpoint.keep_last,
+                               layout=self.runtime.checkpoint_layout)
 
     def resume(self) -> Optional[Path]:
         """Restore from checkpoint.resume ('auto': the run's latest); returns the path used."""
@@ -73,7 +101,8 @@ class Trainer:
         path = latest_checkpoint(self.checkpoint_root) if choice == "auto" else Path(choice)
         if path is None:
             return None
-        state = load_checkpoint(path, self.model, self.optimizer)
+        self.runtime.reshard(self.model)
+        state = load_checkpoint(path, self.model, self.optimizer, layout=self.runtime.checkpoint_layout)
         self.step = state["step"]
         self.sampler.load_state_dict(state["sampler"])
         return path
@@ -85,7 +114,8 @@ class Trainer:
         tc = self.cfg.train
         last = tc.steps if stop_at is None else min(stop_at, tc.steps)
         progress = tqdm(total=tc.steps, initial=self.step, desc="train", dynamic_ncols=True,
-                        disable=not (self.logger and self.logger.enabled and self.cfg.logger.progress))
+                        disable=not (self.runtime.is_main and self.logger and self.logger.enabled
+                                     and self.cfg.logger.progress))
         while self.step < last:
             metrics = self.train_step()
             if self._due(tc.eval_every) or self.step == 1:
@@ -111,7 +141,9 @@ class Trainer:
         self.model.train()
         # loss: next-token cross-entropy (comparable to val_loss); total_loss: what is optimised.
         sums = {"loss": 0.0, "total_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-        for micro_batch in self.sampler.next_batch().chunk(tc.grad_accum):
+        rt = self.runtime
+        for index, micro_batch in enumerate(self.sampler.next_batch().chunk(tc.grad_accum)):
+            rt.grad_sync(self.model, index == tc.grad_accum - 1)  # reduce once, after the last
             with autocast_context(tc.precision):
                 terms = self.model.loss(micro_batch, lam, self._eos_id())
             (terms.total / tc.grad_accum).backward()
@@ -120,10 +152,11 @@ class Trainer:
             sums["mtp_loss"] += sum(m.item() for m in terms.mtp) / max(1, len(terms.mtp)) / tc.grad_accum
             sums["balance_loss"] += terms.balance.item() / tc.grad_accum
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = rt.clip_grad_norm(self.model, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loads = update_expert_biases(self.model, schedule.bias_update_speed(tc, step), self.reduce_load)
+        loads = update_expert_biases(self.model, schedule.bias_update_speed(tc, step), rt.reduce_load)
+        sums = dict(zip(sums, rt.mean(list(sums.values()))))
         self.step += 1
         elapsed = time.perf_counter() - start
         return {"step": self.step, **sums, "lr": lr, "mtp_weight": lam, "grad_norm": grad_norm.item(),
@@ -131,7 +164,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token cross-entropy on the fixed held-out batches."""
+        """Mean next-token cross-entropy on the fixed held-out batches (every rank runs all of
+        them: expert parallelism needs every rank of an ep group in each forward)."""
         self.model.eval()
         losses = []
         for batch in self.val_batches:
@@ -145,7 +179,7 @@ class Trainer:
 
     def _report(self, metrics: dict, progress: tqdm) -> None:
         self.history.append(metrics)
-        if self.logger is None or not self.logger.enabled:
+        if not self.runtime.is_main or self.logger is None or not self.logger.enabled:
             return
         self.logger.log(metrics)
         progress.update(1)

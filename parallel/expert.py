@@ -152,7 +152,7 @@ class AllToAllDispatcher:
         regroup = (expert * self.ep + source).argsort(stable=True)
         handle = DispatchHandle(order, token_of_row, x.shape[0], send_splits, recv_splits, regroup)
         flight = _Flight()
-        received = _AllToAllStart.apply(x[token_of_row], recv_splits, send_splits, self.group, flight)  # step 3
+        received = _AllToAllStart.apply(x.index_select(0, token_of_row), recv_splits, send_splits, self.group, flight)  # step 3
         return PendingDispatch(received, (recv_splits, send_splits), self.group, flight, handle,
                                recv_matrix.sum(0).tolist())
 
