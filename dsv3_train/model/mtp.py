@@ -26,5 +26,8 @@ class MTPModule(nn.Module):
     def forward(self, h_prev: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor):
         """h_prev, next_embeddings (B, T', D) -> (h^k (B, T', D) before its norm, balance loss)."""
-        merged = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(h_prev)], dim=-1))
-        return self.block(merged, cos, sin)
+        return self.block(self.merge(h_prev, next_embeddings), cos, sin)
+
+    def merge(self, h_prev: torch.Tensor, next_embeddings: torch.Tensor) -> torch.Tensor:
+        """M_k [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] (eq. 21): (B, T', D) each -> (B, T', D)."""
+        return self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(h_prev)], dim=-1))

@@ -29,7 +29,10 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x (B, T, D) -> (x (B, T, D), balance loss of this block)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return self.feed_forward(x + self.attn(self.attn_norm(x), cos, sin))
+
+    def feed_forward(self, x: torch.Tensor):
+        """The FFN half: x (B, T, D) -> (x + FFN(norm(x)), balance loss); decoding reuses it."""
         if isinstance(self.ffn, MoE):
             y, balance = self.ffn(self.ffn_norm(x))
         else:
