@@ -21,7 +21,9 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "transformers>=4.48", "safetensors"],
+        "dev": ["pytest", "pytest-timeout", "pytest-xdist", "transformers>=4.48", "safetensors",
+                "hydra-submitit-launcher"],
+        "slurm": ["hydra-submitit-launcher"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     entry_points={
@@ -29,6 +31,7 @@ setup(
             "dsv3-train=dsv3_train.train:main",
             "dsv3-plot=dsv3_train.plot:main",
             "dsv3-generate=dsv3_train.generate:main",
+            "dsv3-launch=launch.cli:main",
         ],
     },
 )
