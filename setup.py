@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "pytest-xdist", "transformers>=4.48", "safetensors",
-                "hydra-submitit-launcher"],
+                "hydra-submitit-launcher", "triton"],
         "slurm": ["hydra-submitit-launcher"],
         "gpu": ["transformer-engine[pytorch]"],
     },

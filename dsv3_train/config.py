@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from dsv3_train.precision.config import PrecisionConfig
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and the fix."""
@@ -281,19 +283,30 @@ class ParallelConfig:
     """How the world is split: pipeline x data, with experts sharded inside the data axis."""
 
     pp: int = 1
-    """Pipeline stages (1 until the pipeline schedules land)."""
+    """Pipeline-parallel ranks; the blocks are split into equal stages (see schedule)."""
     dp: int = 1
     """Data-parallel ranks; dense parameters are ZeRO-sharded over them."""
     ep: int = 1
     """Expert-parallel ranks inside dp: each holds n_routed_experts / ep experts."""
     zero_stage: int = 1
     """ZeRO stage via FSDP2: 1 and 2 shard optimizer states and gradients (same traffic), 3 params too."""
+    schedule: str = "none"
+    """Pipeline schedule: none (pp = 1), 1f1b, zb1p, dualpipe or dualpipev (micro-batches = train.grad_accum)."""
+    overlap: bool = True
+    """Overlap one micro-batch's expert all-to-all with another's compute inside F&B pairs."""
 
     def __post_init__(self) -> None:
-        _require(self.pp == 1, f"parallel.pp ({self.pp}) > 1 is not supported by the trainer yet "
-                               f"(pipeline schedules are a separate feature): set parallel.pp=1")
         _require(self.zero_stage in (1, 2, 3),
                  f"parallel.zero_stage ({self.zero_stage}) must be 1, 2 or 3")
+        schedules = ("none", "1f1b", "zb1p", "dualpipe", "dualpipev")
+        _require(self.schedule in schedules,
+                 f"parallel.schedule ({self.schedule!r}) must be one of {', '.join(schedules)}")
+        _require(self.pp == 1 or self.schedule != "none",
+                 f"parallel.pp ({self.pp}) > 1 needs a pipeline schedule: set parallel.schedule=dualpipe "
+                 f"(or 1f1b, zb1p, dualpipev)")
+        _require(self.pp == 1 or self.zero_stage < 3,
+                 f"parallel.zero_stage ({self.zero_stage}) with parallel.pp ({self.pp}) > 1: a pipeline keeps "
+                 f"parameters gathered across its micro-batches; use parallel.zero_stage=1")
 
     @property
     def world_size(self) -> int:
@@ -310,6 +323,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     name: str = "toy"
     """Run name; the run directory defaults to runs/<name>."""
     run_dir: str = "runs/toy"
@@ -327,6 +341,13 @@ class Config:
         from parallel.mesh import ParallelDims
 
         ParallelDims(self.parallel.pp, self.parallel.dp, self.parallel.ep).validate(model=self.model)
+        if self.parallel.pp > 1:
+            from parallel.pipeline import ScheduleError, validate
+
+            try:
+                validate(self.parallel.schedule, self.parallel.pp, self.train.grad_accum, self.model.n_layers)
+            except ScheduleError as error:  # the schedule's micro-batches are train.grad_accum
+                raise ConfigError(f"parallel.schedule: {str(error).replace('microbatches', 'train.grad_accum')}") from None
         _require(self.model.mtp_depth < self.train.seq_len,
                  f"model.mtp_depth ({self.model.mtp_depth}) must be < train.seq_len "
                  f"({self.train.seq_len})")
@@ -348,6 +369,7 @@ def register_configs() -> None:
     store.store(group="logger", name="base_logger", node=LoggerConfig)
     store.store(group="checkpoint", name="base_checkpoint", node=CheckpointConfig)
     store.store(group="parallel", name="base_parallel", node=ParallelConfig)
+    store.store(group="precision", name="base_precision", node=PrecisionConfig)
 
 
 def to_config(cfg) -> Config:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 
 # ----------------------------------------------------------------------------- KV caches
-def _project(attn: MultiHeadLatentAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def project_at_positions(attn: MultiHeadLatentAttention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """x (B, T, D) with per-row rope tables cos/sin (B, T, R/2) ->
     q_nope (B, T, H, nope), roped q_rope (B, T, H, R), c_KV (B, T, kv_lora_rank), roped k_rope (B, T, R)."""
     batch, length = x.shape[:2]
@@ -93,7 +93,7 @@ class LatentKVCache:
 
     def attend(self, layer: int, attn, x, cos, sin, start: int, mask) -> torch.Tensor:
         """Append the latents of x (B, T, D) at start.. and attend with absorption -> (B, T, D)."""
-        q_nope, q_rope, c_kv, k_rope = _project(attn, x, cos, sin)
+        q_nope, q_rope, c_kv, k_rope = project_at_positions(attn, x, cos, sin)
         end = start + x.shape[1]
         self.latent[layer][:, start:end] = c_kv
         self.rope_key[layer][:, start:end] = k_rope
@@ -116,7 +116,7 @@ class ExpandedKVCache:
 
     def attend(self, layer: int, attn, x, cos, sin, start: int, mask) -> torch.Tensor:
         """Append the expanded keys/values of x (B, T, D) at start.. and attend -> (B, T, D)."""
-        q_nope, q_rope, c_kv, k_rope = _project(attn, x, cos, sin)
+        q_nope, q_rope, c_kv, k_rope = project_at_positions(attn, x, cos, sin)
         k_nope, v = attn.expand_kv(c_kv)  # (B, T, H, nope), (B, T, H, v)
         end = start + x.shape[1]
         self.keys[layer][:, start:end] = torch.cat(
@@ -299,31 +299,54 @@ def _until_stop(tokens: list[int], stop_tokens: Iterable[int], max_new_tokens: i
     return tokens[:max_new_tokens]
 
 
+@dataclass
+class Samples:
+    """What :func:`sample` drew for each row of a batch."""
+
+    tokens: list[list[int]]
+    """New tokens of each row; the stop token that ended a row is kept as its last token."""
+    logprobs: list[list[float]]
+    """log pi(token | prefix) of each new token under the model's untempered, unfiltered
+    distribution (what post-training calls the behaviour log-probabilities)."""
+    stopped: list[bool]
+    """Whether a stop token ended the row (else it ran to max_new_tokens)."""
+
+
 @torch.inference_mode()
+def sample(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
+           top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: Iterable[int] = (),
+           generator: Optional[torch.Generator] = None, absorb: bool = True) -> Samples:
+    """Continue each prompt by up to max_new_tokens tokens, batched, keeping each token's log-prob
+    and the stop token that ends a row. Greedy when temperature is 0."""
+    check_sampling(temperature, top_k, top_p)
+    capacity = _check_lengths(model, prompts, max_new_tokens)
+    stops = set(stop_tokens)
+    drawn = Samples([[] for _ in prompts], [[] for _ in prompts], [False] * len(prompts))
+    with _eval_mode(model):
+        decoder = Decoder(model, len(prompts), capacity, absorb)
+        logits = decoder.logits(decoder.prefill(prompts)[:, -1])  # (B, V)
+        for step in range(max_new_tokens):
+            tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            logprobs = logits.float().log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)  # (B,)
+            for row, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
+                if not drawn.stopped[row]:
+                    drawn.tokens[row].append(token)
+                    drawn.logprobs[row].append(logprob)
+                    drawn.stopped[row] = token in stops
+            if all(drawn.stopped) or step == max_new_tokens - 1:
+                break
+            logits = decoder.logits(decoder.extend(tokens[:, None])[:, -1])
+    return drawn
+
+
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, stop_tokens: Iterable[int] = (),
              generator: Optional[torch.Generator] = None, absorb: bool = True) -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens tokens, batched; returns the new tokens of each
     (a stop token ends its sequence and is not returned). Greedy when temperature is 0.
     ``absorb=False`` decodes with the naive expanded per-head K/V cache instead."""
-    check_sampling(temperature, top_k, top_p)
-    capacity = _check_lengths(model, prompts, max_new_tokens)
-    stops = set(stop_tokens)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    with _eval_mode(model):
-        decoder = Decoder(model, len(prompts), capacity, absorb)
-        logits = decoder.logits(decoder.prefill(prompts)[:, -1])  # (B, V)
-        for step in range(max_new_tokens):
-            tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            for row, token in enumerate(tokens.tolist()):
-                done[row] = done[row] or token in stops
-                if not done[row]:
-                    outputs[row].append(token)
-            if all(done) or step == max_new_tokens - 1:
-                break
-            logits = decoder.logits(decoder.extend(tokens[:, None])[:, -1])
-    return outputs
+    drawn = sample(model, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator, absorb)
+    return [tokens[:-1] if stopped else tokens for tokens, stopped in zip(drawn.tokens, drawn.stopped)]
 
 
 @dataclass

@@ -28,6 +28,10 @@ def run(cfg: Config, stop_at: int | None = None) -> list[dict]:
 
     check_source(cfg.data)
     dims = distributed.check_launch(cfg)  # refuses a bad layout before any process group exists
+    if cfg.precision.uses_te:
+        from dsv3_train.precision.te import require_transformer_engine
+
+        require_transformer_engine()  # one-line error with the install hint; never a silent fallback
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     owns_group = not torch.distributed.is_initialized()  # a test harness may have joined already
@@ -56,10 +60,17 @@ def _train(cfg: Config, mesh, stop_at: int | None) -> list[dict]:
     if not is_main:
         dataset = build_dataset(cfg.data, cfg.model.vocab_size, progress=False)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = Transformer(cfg.model)
+    model = Transformer(cfg.model, cfg.precision)
     n_params = sum(p.numel() for p in model.parameters())
     runtime = None
-    if mesh is not None:
+    if mesh is not None and cfg.parallel.pp > 1:  # this rank's stages become the trainer's model
+        from dsv3_train.trainer import autocast_context
+        from parallel.pipeline.runtime import build_pipeline
+
+        model, runtime = build_pipeline(model, mesh, cfg.parallel.schedule, cfg.train.grad_accum,
+                                        zero_stage=cfg.parallel.zero_stage, overlap=cfg.parallel.overlap,
+                                        autocast=lambda: autocast_context(cfg.train.precision))
+    elif mesh is not None:
         distributed.parallelize(model, mesh, cfg.parallel.zero_stage)
         runtime = distributed.DistributedRuntime(mesh, model)
     trainer = Trainer(cfg, model, dataset, run_dir, runtime=runtime)
@@ -74,13 +85,18 @@ def _train(cfg: Config, mesh, stop_at: int | None) -> list[dict]:
         if resumed is not None:
             logger.truncate_after(trainer.step)
         trainer.logger = logger
-        layout = f" on {mesh.dims.world_size} ranks (dp {mesh.dims.dp}, ep {mesh.dims.ep})" if mesh else ""
+        layout = _describe_layout(mesh.dims, cfg.parallel.schedule) if mesh else ""
         print(f"model {cfg.model.name}: {n_params / 1e6:.2f}M parameters{layout}; run dir {run_dir}")
     try:
         return trainer.fit(stop_at)
     finally:
         if trainer.logger is not None:
             trainer.logger.close()
+
+
+def _describe_layout(dims, schedule: str) -> str:
+    parts = ([f"pp {dims.pp} ({schedule})"] if dims.pp > 1 else []) + [f"dp {dims.dp}", f"ep {dims.ep}"]
+    return f" on {dims.world_size} ranks ({', '.join(parts)})"
 
 
 def _read_wandb_id(checkpoint: Path):

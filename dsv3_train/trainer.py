@@ -21,6 +21,7 @@ from dsv3_train.config import Config, TrainConfig
 from dsv3_train.data import PackedSampler, TokenDataset, validation_batches
 from dsv3_train.metrics import MetricsLogger, format_line
 from dsv3_train.model import Transformer, update_expert_biases
+from dsv3_train.precision import keep_moments_in_bf16
 
 
 class LocalRuntime:
@@ -73,6 +74,8 @@ class Trainer:
         self.runtime = runtime if runtime is not None else LocalRuntime()
         tc, rt = cfg.train, self.runtime
         self.optimizer = build_optimizer(model, tc)
+        if cfg.precision.bf16_optimizer_moments:
+            keep_moments_in_bf16(self.optimizer)
         global_batch = tc.micro_batch_size * tc.grad_accum * rt.dp_size
         self.sampler = PackedSampler(dataset.train, tc.seq_len, global_batch, tc.seed, rt.dp_rank, rt.dp_size)
         self.val_batches = validation_batches(dataset.val, tc.seq_len, tc.micro_batch_size, tc.eval_batches)
@@ -139,18 +142,12 @@ class Trainer:
             group["lr"] = lr
         lam = schedule.mtp_weight(tc, step)
         self.model.train()
-        # loss: next-token cross-entropy (comparable to val_loss); total_loss: what is optimised.
-        sums = {"loss": 0.0, "total_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         rt = self.runtime
-        for index, micro_batch in enumerate(self.sampler.next_batch().chunk(tc.grad_accum)):
-            rt.grad_sync(self.model, index == tc.grad_accum - 1)  # reduce once, after the last
-            with autocast_context(tc.precision):
-                terms = self.model.loss(micro_batch, lam, self._eos_id())
-            (terms.total / tc.grad_accum).backward()
-            sums["loss"] += terms.main.item() / tc.grad_accum
-            sums["total_loss"] += terms.total.item() / tc.grad_accum
-            sums["mtp_loss"] += sum(m.item() for m in terms.mtp) / max(1, len(terms.mtp)) / tc.grad_accum
-            sums["balance_loss"] += terms.balance.item() / tc.grad_accum
+        batch = self.sampler.next_batch()
+        if hasattr(rt, "forward_backward"):  # a pipeline runtime runs the whole schedule
+            sums = rt.forward_backward(self.model, batch, lam, self._eos_id())
+        else:
+            sums = self._accumulate(batch, lam)
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = rt.clip_grad_norm(self.model, max_norm)
         self.optimizer.step()
@@ -162,13 +159,33 @@ class Trainer:
         return {"step": self.step, **sums, "lr": lr, "mtp_weight": lam, "grad_norm": grad_norm.item(),
                 "tokens_per_s": self.tokens_per_step / elapsed, **_load_metrics(loads)}
 
+    def _accumulate(self, batch: torch.Tensor, lam: float) -> dict:
+        """Forward and backward of every micro-batch; gradients reduced once, after the last.
+        loss: next-token cross-entropy (comparable to val_loss); total_loss: what is optimised."""
+        tc, rt = self.cfg.train, self.runtime
+        sums = {"loss": 0.0, "total_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        for index, micro_batch in enumerate(batch.chunk(tc.grad_accum)):
+            rt.grad_sync(self.model, index == tc.grad_accum - 1)
+            with autocast_context(tc.precision):
+                terms = self.model.loss(micro_batch, lam, self._eos_id())
+            (terms.total / tc.grad_accum).backward()
+            sums["loss"] += terms.main.item() / tc.grad_accum
+            sums["total_loss"] += terms.total.item() / tc.grad_accum
+            sums["mtp_loss"] += sum(m.item() for m in terms.mtp) / max(1, len(terms.mtp)) / tc.grad_accum
+            sums["balance_loss"] += terms.balance.item() / tc.grad_accum
+        return sums
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-token cross-entropy on the fixed held-out batches (every rank runs all of
         them: expert parallelism needs every rank of an ep group in each forward)."""
         self.model.eval()
         losses = []
+        pipeline = getattr(self.runtime, "evaluate_loss", None)
         for batch in self.val_batches:
+            if pipeline is not None:  # the stages pass activations between ranks
+                losses.append(pipeline(self.model, batch, self._eos_id()))
+                continue
             with autocast_context(self.cfg.train.precision):
                 losses.append(self.model.loss(batch, 0.0, self._eos_id()).main.item())
         self.model.train()

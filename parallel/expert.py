@@ -32,7 +32,8 @@ from dsv3_train.model.moe import GroupedExperts, MoE
 class _Flight:
     """A collective in flight: the pending work object, shared by a start and its wait."""
 
-    def __init__(self):
+    def __init__(self, exchange=None):
+        self.exchange = exchange  # all_to_all_single's signature; None: dist.all_to_all_single
         self.work: Optional[dist.Work] = None
         self.grad: Optional[torch.Tensor] = None  # the reverse exchange's result, in backward
 
@@ -44,8 +45,8 @@ class _Flight:
 
 def _launch(rows: torch.Tensor, out_splits: list[int], in_splits: list[int], group, flight: _Flight):
     out = rows.new_empty(sum(out_splits), *rows.shape[1:])
-    flight.work = dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=group,
-                                         async_op=True)
+    exchange = flight.exchange or dist.all_to_all_single
+    flight.work = exchange(out, rows.contiguous(), out_splits, in_splits, group=group, async_op=True)
     return out
 
 
@@ -134,6 +135,9 @@ class AllToAllDispatcher:
         if n_experts % self.ep:
             raise ValueError(f"n_experts ({n_experts}) must be divisible by the ep group size ({self.ep})")
         self.local_experts = n_experts // self.ep
+        # The row exchanges of steps 3 and 6 (not the count exchange): all_to_all_single by
+        # default; parallel.pipeline.transport swaps in an emulated link or a CUDA comm stream.
+        self.exchange = None
 
     def dispatch_start(self, x: torch.Tensor, indices: torch.Tensor) -> PendingDispatch:
         """x (N, D), indices (N, K) -> rows travelling to their experts' ranks."""
@@ -151,7 +155,7 @@ class AllToAllDispatcher:
         source, expert = segment // self.local_experts, segment % self.local_experts
         regroup = (expert * self.ep + source).argsort(stable=True)
         handle = DispatchHandle(order, token_of_row, x.shape[0], send_splits, recv_splits, regroup)
-        flight = _Flight()
+        flight = _Flight(self.exchange)
         received = _AllToAllStart.apply(x.index_select(0, token_of_row), recv_splits, send_splits, self.group, flight)  # step 3
         return PendingDispatch(received, (recv_splits, send_splits), self.group, flight, handle,
                                recv_matrix.sum(0).tolist())
@@ -164,7 +168,7 @@ class AllToAllDispatcher:
             # backward's reverse all-to-all needs every rank of the group, also this one.
             expert_out = expert_out + rows.sum() * 0
         received_order = expert_out[handle.regroup.argsort()]  # step 5
-        flight = _Flight()
+        flight = _Flight(self.exchange)
         back = _AllToAllStart.apply(received_order, handle.send_splits, handle.recv_splits, self.group, flight)
         return PendingCombine(back, (handle.send_splits, handle.recv_splits), self.group, flight, handle, weights)
 
@@ -181,7 +185,7 @@ def shard_experts(moe: MoE, ep_group) -> None:
     ep, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
     full = moe.experts
     local = full.n_experts // ep
-    sharded = GroupedExperts(local, full.w2.shape[1], full.hidden)
+    sharded = GroupedExperts(local, full.w2.shape[1], full.hidden, precision=full.precision)
     with torch.no_grad():
         sharded.w13.copy_(full.w13[rank * local:(rank + 1) * local])
         sharded.w2.copy_(full.w2[rank * local:(rank + 1) * local])

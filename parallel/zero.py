@@ -154,6 +154,41 @@ def reshard(model: nn.Module) -> None:
         module.reshard()
 
 
+def gather_for_accumulation(model: nn.Module) -> None:
+    """Pipeline runtimes: gather every unit's parameters once and keep them until ``reduce_gradients``.
+
+    A pipeline schedule interleaves many micro-batches' forwards, input-gradient and deferred
+    weight-gradient backwards in an order FSDP's hooks cannot follow (and the phase-split forward
+    calls a block's sub-modules directly), so the runtime does what the hooks would: initialise
+    the root, all-gather each unit once, keep the parameters gathered, reduce nothing until the
+    step's last backward on this rank has run. Stages 1 and 2 only: stage 3 reshards between
+    micro-batches while deferred weight gradients still read the gathered parameters.
+    """
+    layout = _layout(model)
+    if layout.stage == 3:
+        raise ValueError("a pipeline schedule keeps parameters gathered across its micro-batches: "
+                         "use parallel.zero_stage=1 or 2 with pp > 1 (DeepSeek-V3 uses ZeRO-1)")
+    fully_shard.state(model)._lazy_init()  # no-op once done; root detection as a forward would
+    set_gradient_sync(model, False)
+    for module in _fsdp_modules(model):
+        module.unshard()
+
+
+def reduce_gradients(model: nn.Module) -> None:
+    """Pipeline runtimes: reduce-scatter what accumulated since ``gather_for_accumulation``, reshard.
+
+    The post-backward FSDP runs after a step's last backward, run by hand as
+    torch.distributed.pipelining does (``_PipelineStageBase.perform_reduce_grad``): every unit's
+    reduce-scatter, then the root's final callback that waits for them and resets FSDP's state.
+    """
+    set_gradient_sync(model, True)
+    state = fully_shard.state(model)
+    for unit_state in state._state_ctx.all_states:
+        for group in unit_state._fsdp_param_groups:
+            group.post_backward()
+    state._root_post_backward_final_callback()
+
+
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before.

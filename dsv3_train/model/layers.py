@@ -1,17 +1,18 @@
-"""Building blocks shared by attention, MoE and MTP: RMSNorm, the linear maker, SwiGLU."""
+"""Building blocks shared by attention, MoE and MTP: RMSNorm, the linear maker, SwiGLU.
+
+``make_linear`` is the precision factory's (dsv3_train.precision): every projection is made there.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv3_train.precision import PrecisionConfig, make_linear
 
-def make_linear(in_features: int, out_features: int) -> nn.Linear:
-    """Every projection of the model is made here (bias-free, as in DeepSeek-V3).
-
-    The precision layer (fp32 / bf16 / fp8) plugs in at this single point.
-    """
-    return nn.Linear(in_features, out_features, bias=False)
+__all__ = ["RMSNorm", "SwiGLU", "make_linear"]
 
 
 class RMSNorm(nn.Module):
@@ -31,11 +32,11 @@ class RMSNorm(nn.Module):
 class SwiGLU(nn.Module):
     """Gated FFN: w2(silu(w1 x) * w3 x); used by dense blocks and shared experts."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, precision: Optional[PrecisionConfig] = None):
         super().__init__()
-        self.w1 = make_linear(dim, hidden)  # gate
-        self.w3 = make_linear(dim, hidden)  # up
-        self.w2 = make_linear(hidden, dim)  # down
+        self.w1 = make_linear(dim, hidden, precision=precision)  # gate
+        self.w3 = make_linear(dim, hidden, precision=precision)  # up
+        self.w2 = make_linear(hidden, dim, precision=precision)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

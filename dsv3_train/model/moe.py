@@ -13,6 +13,7 @@ contiguous slice, and the dispatcher scatters the weighted results back.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
@@ -20,8 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv3_train.config import ModelConfig
+from dsv3_train.config import ConfigError, ModelConfig
 from dsv3_train.model.layers import SwiGLU
+from dsv3_train.precision import (BlockwiseFp8Gemms, DefersWeightGrad, PrecisionConfig, ambient_dtype,
+                                  resolve_precision)
+from dsv3_train.precision.deferral import accumulate_grad
 
 
 @dataclass
@@ -71,14 +75,20 @@ class Router(nn.Module):
         # Token copies routed to each expert since the last bias update.
         self.register_buffer("expert_load", torch.zeros(cfg.n_routed_experts, dtype=torch.float32),
                              persistent=False)
+        # Routing replay (dsv3_train.posttrain.routing): when set, (N, K) experts to use instead of
+        # selecting them; the gates are still computed from this forward's affinities.
+        self.forced_indices: Optional[torch.Tensor] = None
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x (B, T, D) -> routing of the B*T tokens."""
         with torch.autocast(device_type=x.device.type, enabled=False):  # gating stays fp32
             scores = torch.sigmoid(F.linear(x.float(), self.weight.float()))  # (B, T, E)
         flat_scores = scores.flatten(0, 1)  # (N, E)
-        indices = select_experts(flat_scores.detach(), self.expert_bias, self.n_groups,
-                                 self.n_kept_groups, self.top_k)  # (N, K)
+        if self.forced_indices is not None:
+            indices = self.forced_indices  # (N, K), replayed
+        else:
+            indices = select_experts(flat_scores.detach(), self.expert_bias, self.n_groups,
+                                     self.n_kept_groups, self.top_k)  # (N, K)
         weights = flat_scores.gather(1, indices)  # (N, K), unbiased
         if self.norm_topk_prob:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
@@ -108,62 +118,110 @@ class _GroupedSwiGLU(torch.autograd.Function):
     gate, matmul) runs back to back on its slice while it is still in cache, and only x, the
     [gate | up] pre-activations and the gated hidden are kept for backward.
     Same matmuls as the per-expert F.linear loop; results agree to fp32 rounding.
+
+    ``fp8`` (a BlockwiseFp8Gemms, or None) rounds every GEMM operand to E4M3 as DeepSeek-V3 does:
+    x, h and the output gradients in 1x128 tiles along each GEMM's K (along tokens in wgrad, per
+    expert), weights in 128x128 blocks (gate and up as separate matrices, as V3's w1 / w3).
+    When ``owner.weight_grad_sink`` is set, the weight-gradient GEMMs are queued there.
     """
 
     @staticmethod
-    def forward(ctx, x, w13, w2, spans):
+    def forward(ctx, x, w13, w2, spans, fp8, owner):
         hidden = w2.shape[-1]
+        if fp8 is not None:
+            x_op, w13_op, w2_op = fp8.rows(x), fp8.blocks(w13, parts=2), fp8.blocks(w2)
+        else:
+            x_op, w13_op, w2_op = x, w13, w2
         out = x.new_empty(x.shape[0], w2.shape[1])
         gate_ups, hs = [], []  # per expert: small allocations malloc reuses, not one fresh mmap
         for expert, start, end in spans:
-            gate_up = torch.mm(x[start:end], w13[expert].t())  # (m, 2H) = [gate | up]
+            gate_up = torch.mm(x_op[start:end], w13_op[expert].t())  # (m, 2H) = [gate | up]
             h = F.silu(gate_up[:, :hidden]).mul_(gate_up[:, hidden:])  # (m, H)
-            torch.mm(h, w2[expert].t(), out=out[start:end])
+            torch.mm(h if fp8 is None else fp8.rows(h), w2_op[expert].t(), out=out[start:end])
             gate_ups.append(gate_up)
             hs.append(h)
-        ctx.spans = spans
-        ctx.save_for_backward(x, w13, w2, *gate_ups, *hs)
+        ctx.spans, ctx.fp8, ctx.owner = spans, fp8, owner
+        ctx.save_for_backward(x, w13_op, w2_op, *gate_ups, *hs)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, w13, w2, *per_expert = ctx.saved_tensors
-        spans = ctx.spans
+        x, w13_op, w2_op, *per_expert = ctx.saved_tensors
+        spans, fp8, owner = ctx.spans, ctx.fp8, ctx.owner
         gate_ups, hs = per_expert[:len(spans)], per_expert[len(spans):]
-        need_x, need_w13, need_w2, _ = ctx.needs_input_grad
+        need_x, need_w13, need_w2 = ctx.needs_input_grad[:3]
         grad_out = grad_out.contiguous()
-        hidden = w2.shape[-1]
-        some_idle = len(spans) < w13.shape[0]  # idle experts get an exact zero gradient
-
-        def weight_grad(w, needed):
-            return (torch.zeros_like(w) if some_idle else torch.empty_like(w)) if needed else None
+        hidden = w2_op.shape[-1]
+        sink = owner.weight_grad_sink if owner is not None else None
+        deferred = [] if sink is not None and (need_w13 or need_w2) else None
+        grad_out_op = grad_out if fp8 is None else fp8.rows(grad_out)  # dgrad operand, tiles along D
 
         grad_x = None
         if need_x:
             # A gradient that only this function reads (made by LocalDispatcher.combine) is
-            # overwritten in place: expert e's rows are consumed before its grad_x rows are written.
+            # overwritten in place: expert e's rows are consumed before its grad_x rows are written
+            # (not when weight gradients are deferred: they read grad_out later).
             private = (getattr(grad_out, "_moe_private", False) and grad_out.shape == x.shape
-                       and grad_out.dtype == x.dtype)
+                       and grad_out.dtype == x.dtype and deferred is None)
             grad_x = grad_out if private else torch.empty_like(x)
-        grad_w13, grad_w2 = weight_grad(w13, need_w13), weight_grad(w2, need_w2)
+        immediate = deferred is None
+        grad_w13, grad_w2 = _expert_weight_grads(w13_op, w2_op, spans, need_w13 and immediate,
+                                                 need_w2 and immediate)
         for (expert, start, end), gate_up, h in zip(spans, gate_ups, hs):
             grad_rows = grad_out[start:end]
-            if need_w2:
-                torch.mm(grad_rows.t(), h, out=grad_w2[expert])
-            if not (need_x or need_w13):
-                continue
-            grad_h = torch.mm(grad_rows, w2[expert])  # (m, H)
-            gate, up = gate_up[:, :hidden], gate_up[:, hidden:]
-            grad_gate_up = torch.empty_like(gate_up)
-            torch.mul(grad_h, F.silu(gate), out=grad_gate_up[:, hidden:])
-            torch.ops.aten.silu_backward.grad_input(grad_h.mul_(up), gate,
-                                                    grad_input=grad_gate_up[:, :hidden])
-            if need_w13:
-                torch.mm(grad_gate_up.t(), x[start:end], out=grad_w13[expert])
-            if need_x:
-                torch.mm(grad_gate_up, w13[expert], out=grad_x[start:end])
-        return grad_x, grad_w13, grad_w2, None
+            if need_w2 and immediate:
+                _weight_grad(grad_rows, h, fp8, out=grad_w2[expert])
+            grad_gate_up = None
+            if need_x or need_w13:
+                grad_h = torch.mm(grad_out_op[start:end], w2_op[expert])  # (m, H)
+                gate, up = gate_up[:, :hidden], gate_up[:, hidden:]
+                grad_gate_up = torch.empty_like(gate_up)
+                torch.mul(grad_h, F.silu(gate), out=grad_gate_up[:, hidden:])
+                torch.ops.aten.silu_backward.grad_input(grad_h.mul_(up), gate,
+                                                        grad_input=grad_gate_up[:, :hidden])
+                if need_w13 and immediate:
+                    _weight_grad(grad_gate_up, x[start:end], fp8, out=grad_w13[expert])
+                if need_x:
+                    grad_op = grad_gate_up if fp8 is None else fp8.rows(grad_gate_up, parts=2)
+                    torch.mm(grad_op, w13_op[expert], out=grad_x[start:end])
+            if deferred is not None:
+                deferred.append((expert, grad_rows, h, grad_gate_up, x[start:end]))
+        if deferred is not None:
+            sink.add(functools.partial(_deferred_expert_weight_grads, owner, w13_op, w2_op, spans,
+                                       deferred, fp8, need_w13, need_w2))
+        return grad_x, grad_w13, grad_w2, None, None, None
+
+
+def _weight_grad(grad_rows: torch.Tensor, inputs: torch.Tensor, fp8, out: torch.Tensor) -> torch.Tensor:
+    """out (N, K) = grad_rows^T inputs over one expert's rows; (m, N), (m, K)."""
+    if fp8 is None:
+        return torch.mm(grad_rows.t(), inputs, out=out)
+    return fp8.wgrad(grad_rows, inputs, out=out)
+
+
+def _expert_weight_grads(w13: torch.Tensor, w2: torch.Tensor, spans, need_w13: bool, need_w2: bool):
+    """Gradient buffers shaped like w13 / w2 (None where not needed); idle experts get exact zeros."""
+    some_idle = len(spans) < w13.shape[0]
+
+    def buffer(w, needed):
+        return (torch.zeros_like(w) if some_idle else torch.empty_like(w)) if needed else None
+
+    return buffer(w13, need_w13), buffer(w2, need_w2)
+
+
+def _deferred_expert_weight_grads(owner, w13_op, w2_op, spans, deferred, fp8, need_w13, need_w2):
+    """The W step of GroupedExperts: the weight-gradient GEMMs that backward queued."""
+    grad_w13, grad_w2 = _expert_weight_grads(w13_op, w2_op, spans, need_w13, need_w2)
+    for expert, grad_rows, h, grad_gate_up, x_rows in deferred:
+        if need_w2:
+            _weight_grad(grad_rows, h, fp8, out=grad_w2[expert])
+        if need_w13:
+            _weight_grad(grad_gate_up, x_rows, fp8, out=grad_w13[expert])
+    if need_w13:
+        accumulate_grad(owner.w13, grad_w13)
+    if need_w2:
+        accumulate_grad(owner.w2, grad_w2)
 
 
 class _WeightedScatterAdd(torch.autograd.Function):
@@ -201,12 +259,23 @@ class _WeightedScatterAdd(torch.autograd.Function):
         return grad_rows, grad_gates, None, None
 
 
-class GroupedExperts(nn.Module):
-    """E SwiGLU experts with stacked weights; input rows arrive sorted by expert."""
+class GroupedExperts(DefersWeightGrad, nn.Module):
+    """E SwiGLU experts with stacked weights; input rows arrive sorted by expert.
 
-    def __init__(self, n_experts: int, dim: int, hidden: int):
+    ``precision`` (default: the one the model is built with, else fp32) picks the GEMM recipe as
+    for every factory linear: the ambient dtype, bf16 or emulated FP8 (fp8_backend=te: see
+    make_grouped_experts).
+    """
+
+    def __init__(self, n_experts: int, dim: int, hidden: int, precision: Optional[PrecisionConfig] = None):
         super().__init__()
         self.n_experts, self.hidden = n_experts, hidden
+        self.precision = resolve_precision(precision)
+        if self.precision.uses_te:
+            raise ConfigError("GroupedExperts has no Transformer Engine path: build routed experts "
+                              "with make_grouped_experts(..., precision) to get TE's GroupedLinear")
+        self.fp8_gemms = BlockwiseFp8Gemms(self.precision.tile, self.precision.block,
+                                     self.precision.power_of_two_scales) if self.precision.fp8 else None
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))  # [gate; up] per expert
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))  # down per expert
 
@@ -220,11 +289,29 @@ class GroupedExperts(nn.Module):
                 spans.append((expert, start, start + count))
             start += count
         w13, w2 = self.w13, self.w2
-        if torch.is_autocast_enabled(x.device.type):  # as F.linear would: matmuls in the autocast dtype
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+        ambient = ambient_dtype(x)
+        out_dtype = ambient or x.dtype  # what F.linear would return
+        if self.fp8_gemms is not None:  # fp32 master weights and activations, E4M3-rounded inside
+            x = x.float()
+        else:  # as F.linear would: matmuls in the autocast dtype (or bf16 when asked for)
+            dtype = torch.bfloat16 if self.precision.linear == "bf16" else ambient
+            if dtype is not None:
+                x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _GroupedSwiGLU.apply(x.contiguous(), w13, w2, spans)
+            out = _GroupedSwiGLU.apply(x.contiguous(), w13, w2, spans, self.fp8_gemms, self)
+        return out.to(out_dtype)
+
+
+def make_grouped_experts(n_experts: int, dim: int, hidden: int,
+                         precision: Optional[PrecisionConfig] = None) -> nn.Module:
+    """The routed experts of a MoE layer in the given (or the model's) precision: GroupedExperts,
+    or Transformer Engine's GroupedLinear pair for fp8_backend=te."""
+    precision = resolve_precision(precision)
+    if precision.uses_te:
+        from dsv3_train.precision.te import te_grouped_experts
+
+        return te_grouped_experts(n_experts, dim, hidden, precision)
+    return GroupedExperts(n_experts, dim, hidden, precision)
 
 
 class LocalDispatcher:
@@ -260,7 +347,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.router = Router(cfg)
-        self.experts = GroupedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        self.experts = make_grouped_experts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
         self.shared = SwiGLU(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
         self.dispatcher = LocalDispatcher(cfg.n_routed_experts)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from dsv3_train.model.layers import RMSNorm, SwiGLU
 from dsv3_train.model.moe import MoE, GroupedExperts, Router
 from dsv3_train.model.mtp import MTPModule
 from dsv3_train.model.rope import rope_tables
+from dsv3_train.precision import PrecisionConfig, TEModule, building_with
 
 IGNORE_INDEX = -100
 
@@ -67,15 +69,19 @@ def shifted_targets(tokens: torch.Tensor, offset: int, eos_id: int | None) -> to
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, precision: Optional[PrecisionConfig] = None):
+        """``precision`` picks the recipe of every projection and expert (default fp32, i.e. the
+        ambient dtype); embedding, head, router and norms stay out of it, as in DeepSeek-V3."""
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
+        with building_with(precision):
+            self.layers = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, moe=cfg.n_layers >= cfg.n_dense_layers))
-                                 for _ in range(cfg.mtp_depth))
+        with building_with(precision):
+            self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, moe=cfg.n_layers >= cfg.n_dense_layers))
+                                     for _ in range(cfg.mtp_depth))
         cos, sin = rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -96,6 +102,8 @@ class Transformer(nn.Module):
                 module.expert_bias.zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
+            elif isinstance(module, TEModule):
+                module.reset_weights(std)
 
     def rope(self, seq_len: int, start: int = 0):
         return self.rope_cos[start:start + seq_len], self.rope_sin[start:start + seq_len]

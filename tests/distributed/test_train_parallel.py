@@ -37,14 +37,16 @@ def corpus(tmp_path_factory):
     return root, cfg.data.cache_dir
 
 
-def layout_config(corpus, run_dir, dp=1, ep=1, steps=3, resume="auto", every=2):
+def layout_config(corpus, run_dir, dp=1, ep=1, steps=3, resume="auto", every=2, pp=1, schedule="none",
+                  rows=GLOBAL_ROWS, n_layers=3):
     root, cache_dir = corpus
-    cfg = tiny_config(root, run_dir, steps=steps, micro_batch_size=MICRO, grad_accum=GLOBAL_ROWS // (MICRO * dp),
+    cfg = tiny_config(root, run_dir, steps=steps, micro_batch_size=MICRO, grad_accum=rows // (MICRO * dp),
                       eval_every=steps)
     return dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, cache_dir=cache_dir),
+        model=dataclasses.replace(cfg.model, n_layers=n_layers),
         checkpoint=dataclasses.replace(cfg.checkpoint, every=every, resume=resume),
-        parallel=ParallelConfig(dp=dp, ep=ep))
+        parallel=ParallelConfig(pp=pp, dp=dp, ep=ep, schedule=schedule))
 
 
 def _run_rank(rank, world_size, cfg):
@@ -73,6 +75,23 @@ def test_trainer_on_ranks_equals_one_process(corpus, tmp_path, dp, ep):
     assert_close(parallel[-1]["val_loss"], reference[-1]["val_loss"])
     logged = [json.loads(line) for line in (tmp_path / "many" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in logged] == [1, 2, 3]  # rank 0 alone writes metrics
+
+
+@pytest.mark.parametrize("schedule,pp,dp,ep", [("1f1b", 2, 1, 1), ("dualpipev", 2, 1, 1), ("dualpipe", 2, 2, 2)])
+def test_pipeline_trainer_equals_one_process(corpus, tmp_path, schedule, pp, dp, ep):
+    """parallel.pp > 1: the trainer hands each step to the pipeline runtime (4 blocks, 8 micro-batches)."""
+    shape = dict(rows=16, n_layers=4)
+    reference = train(layout_config(corpus, tmp_path / "one", **shape))
+    piped = train(layout_config(corpus, tmp_path / "pp", pp=pp, dp=dp, ep=ep, schedule=schedule, **shape))
+    for ours, ref in zip(piped, reference):
+        for key in ("loss", "total_loss", "mtp_loss", "balance_loss", "grad_norm"):
+            assert_close(ours[key], ref[key])
+        # rank 0 reports the routers of its own stages, named "stages.<stage>.<name in the Transformer>"
+        loads = {name.split(".", 2)[2]: load for name, load in ours["expert_load"].items()}
+        assert loads
+        for name, load in loads.items():
+            assert load == pytest.approx(ref["expert_load"][name], abs=1e-12), name
+    assert_close(piped[-1]["val_loss"], reference[-1]["val_loss"])
 
 
 @pytest.mark.parametrize("source,target", [((2, 2), (1, 1)), ((2, 2), (4, 4)), ((1, 1), (4, 2))],

@@ -1,0 +1,324 @@
+"""Pipeline schedules on gloo ranks: our runtime against torch.distributed.pipelining, and overlap.
+
+Part 1, ``schedules`` (2 ranks, pp=2, dp=ep=1): one optimizer step's forward and backward (no
+optimizer step) of the same model on the same ranks, under
+
+* ours: ``PipelineRuntime`` running our 1F1B, DualPipe and DualPipeV IR;
+* torch: ``Schedule1F1B`` and ``ScheduleDualPipeV`` over ``PipelineStage``s wrapping our stage
+  modules (the same forward code, run whole). Their non-last stages cannot hand a balance loss
+  to the loss function, so torch's runs skip the backward of those (a few scalars' worth).
+
+Every iteration runs each schedule once, in turn, so load from elsewhere on the machine hits all
+alike; a step's time is the slowest rank's, a cell the median over iterations after warmup.
+Our runtimes also time each compute action: the *measured bubble* is the share of rank time
+outside compute actions; the *simulated bubble* is ``parallel.pipeline.simulate`` of the same
+IR with the measured mean F, B, I, W and F&B costs (one cost per kind for all stages, as the
+simulator's model states, while our last stage also runs the head and the MTP block).
+
+Part 2, ``overlap`` (4 ranks, pp=2 x dp=2 x ep=2): DualPipe and DualPipeV with the expert
+all-to-all through ``transport.EmulatedLink``, calibrated so that the emulated all-to-all time of
+a step equals its compute time (per exchange: half latency, half bytes / bandwidth). With
+overlap off every F&B pair runs forward then backward; with overlap on its phases interleave.
+Exposed all-to-all = time ranks spent blocked waiting for an exchange, as a share of the
+emulated all-to-all time.
+
+Usage::
+
+    python bench/pipeline.py                   # both parts, 5 timed iterations each
+    python bench/pipeline.py --part overlap --iters 3
+
+Ranks are spawned with ``parallel.testing.run_ranks`` (gloo, one torch thread each); part 2 puts
+4 ranks on however many cores there are, and the bench says when that oversubscribes them.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsv3_train.config import ModelConfig  # noqa: E402
+from dsv3_train.model.transformer import Transformer  # noqa: E402
+from parallel.mesh import ParallelDims  # noqa: E402
+from parallel.pipeline import CostModel, build, simulate  # noqa: E402
+from parallel.pipeline.overlap import Tape, run_forward, run_in_sequence, stage_program  # noqa: E402
+from parallel.pipeline.runtime import PipelineRuntime, build_pipeline  # noqa: E402
+from parallel.pipeline.stage import split_model  # noqa: E402
+from parallel.pipeline.transport import EmulatedLink, install_exchange  # noqa: E402
+from parallel.testing import run_ranks  # noqa: E402
+
+CFG = ModelConfig(vocab_size=1024, dim=128, n_layers=8, n_dense_layers=0, n_heads=4, inter_dim=256,
+                  moe_inter_dim=64, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2,
+                  n_expert_groups=2, n_limited_groups=1, kv_lora_rank=64, qk_nope_head_dim=32,
+                  qk_rope_head_dim=16, v_head_dim=32, max_seq_len=128, mtp_depth=1)
+SEQ_LEN, MICRO_BATCH, MICROBATCHES, MTP_WEIGHT = 64, 2, 8, 0.3
+
+
+def _batch(sequences: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, CFG.vocab_size, (sequences, SEQ_LEN + 1), generator=gen)
+
+
+def _slowest(seconds: float) -> float:
+    value = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
+
+
+def _mean_over_ranks(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+def _timed(run, model: nn.Module) -> float:
+    model.zero_grad(set_to_none=True)
+    dist.barrier()
+    start = time.perf_counter()
+    run()
+    return _slowest(time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------- part 1: peers
+class _TorchStage(nn.Module):
+    """One of our stages behind torch.distributed.pipelining's interface: (x, tokens=) -> h or loss."""
+
+    def __init__(self, stage):
+        super().__init__()
+        self.stage = stage
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        carry, tape = ({} if self.stage.is_first else {"h": x}), Tape(cut=False)
+        program = stage_program(self.stage, carry, tape, tokens, MTP_WEIGHT, None)
+        run_in_sequence(run_forward(program, carry, tape, contextlib.nullcontext))
+        if self.stage.is_last:  # (1,): torch merges the last stage's outputs along dim 0
+            return sum(loss * weight for segment in tape.segments for loss, weight in segment.losses).reshape(1)
+        return carry["h"]
+
+
+def _torch_schedule(name: str, rank: int, pp: int):
+    """-> (run one step, the module holding its parameters)."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleDualPipeV
+
+    torch.manual_seed(0)
+    stages = split_model(Transformer(CFG), name, pp, rank)
+    n_stages = stages.plan.n_stages
+    wrapped = [PipelineStage(_TorchStage(stage), stage.index, n_stages, torch.device("cpu"))
+               for stage in stages.stages.values()]
+    loss_fn = lambda output, target: output.sum()  # noqa: E731 - the last stage returns its loss
+    if name == "1f1b":
+        schedule = Schedule1F1B(wrapped[0], MICROBATCHES, loss_fn=loss_fn)
+    else:
+        schedule = ScheduleDualPipeV(sorted(wrapped, key=lambda s: s.stage_index), MICROBATCHES, loss_fn=loss_fn)
+    batch = _batch(MICRO_BATCH * MICROBATCHES, 0)
+    first = any(s.is_first for s in wrapped)
+    last = any(s.is_last for s in wrapped)
+
+    def run():
+        args = (batch,) if first else ()
+        extra = {"target": torch.zeros(batch.shape[0]), "losses": []} if last else {}
+        schedule.step(*args, tokens=batch, return_outputs=False, **extra)
+    return run, stages
+
+
+def _our_schedule(name: str, rank: int, pp: int):
+    torch.manual_seed(0)
+    stages = split_model(Transformer(CFG), name, pp, rank)
+    schedule = build(name, pp, MICROBATCHES, n_layers=CFG.n_layers)
+    runtime = PipelineRuntime(stages, schedule, dist.group.WORLD, profile=True)
+    batch = _batch(MICRO_BATCH * MICROBATCHES, 0)
+    return (lambda: runtime.step(batch, MTP_WEIGHT)), stages, runtime
+
+
+def _schedules_worker(rank: int, world: int, warmup: int, iters: int) -> dict:
+    runs = {}
+    for name in ("1f1b", "dualpipe", "dualpipev"):
+        run, model, runtime = _our_schedule(name, rank, world)
+        runs[f"ours {name}"] = (run, model, runtime)
+    for name in ("1f1b", "dualpipev"):
+        run, model = _torch_schedule(name, rank, world)
+        runs[f"torch {name}"] = (run, model, None)
+    times = {label: [] for label in runs}
+    costs = {label: {} for label in runs}
+    busy = {label: [] for label in runs}
+    for iteration in range(warmup + iters):
+        for label, (run, model, runtime) in runs.items():
+            seconds = _timed(run, model)
+            if iteration < warmup:
+                continue
+            times[label].append(seconds)
+            if runtime is not None:
+                busy[label].append(sum(end - start for _, start, end in runtime.timeline))
+                for kind, start, end in runtime.timeline:
+                    costs[label].setdefault(kind, []).append(end - start)
+    out = {}
+    for label in runs:
+        row = {"step_s": statistics.median(times[label]), "times": times[label]}
+        if busy[label]:
+            busy_s = _mean_over_ranks([statistics.median(busy[label])])[0]
+            row["measured_bubble"] = 1 - busy_s / row["step_s"]
+            kinds = sorted(costs[label])
+            means = _mean_over_ranks([statistics.mean(costs[label][k]) for k in kinds])
+            row["costs"] = dict(zip(kinds, means))
+        out[label] = row
+    return out
+
+
+def _simulated(label: str, row: dict, pp: int) -> tuple[float, float]:
+    """(step time, bubble fraction) the simulator predicts from the measured costs."""
+    name = label.split()[1]
+    costs = row["costs"]
+    cost = CostModel(forward=costs["F"], backward=costs.get("B", costs["F"] * 2),
+                     weight=costs.get("W", 0.0), input_grad=costs.get("I"),
+                     forward_backward=costs.get("F&B"))
+    result = simulate(build(name, pp, MICROBATCHES, n_layers=CFG.n_layers, communication=False), cost)
+    return result.step_time, result.bubble_fraction
+
+
+def part_schedules(warmup: int, iters: int) -> None:
+    pp = 2
+    rows = run_ranks(_schedules_worker, pp, warmup, iters, timeout=1200)[0]
+    print(f"\n## Part 1: step time, pp={pp} (2 ranks), {MICROBATCHES} micro-batches of {MICRO_BATCH} x "
+          f"{SEQ_LEN} tokens, {CFG.n_layers} MoE blocks + MTP, median of {iters}\n")
+    print("| schedule | step ms | measured bubble | simulated bubble | simulated step ms |")
+    print("|---|---:|---:|---:|---:|")
+    for label, row in rows.items():
+        if "costs" in row:
+            sim_step, sim_bubble = _simulated(label, row, pp)
+            print(f"| {label} | {row['step_s'] * 1e3:.0f} | {row['measured_bubble']:.1%} | "
+                  f"{sim_bubble:.1%} | {sim_step * 1e3:.0f} |")
+        else:
+            print(f"| {label} | {row['step_s'] * 1e3:.0f} | | | |")
+    print()
+    for ours, theirs in (("ours dualpipev", "torch dualpipev"), ("ours 1f1b", "torch 1f1b"),
+                         ("ours dualpipev", "ours 1f1b"), ("ours dualpipe", "ours 1f1b")):
+        ratios = sorted(a / b for a, b in zip(rows[ours]["times"], rows[theirs]["times"]))
+        print(f"{ours} / {theirs}: {statistics.median(ratios):.2f} "
+              f"(per-iteration range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    for label, row in rows.items():
+        if "costs" in row:
+            costs = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["costs"].items())
+            print(f"  {label} mean ms per action: {costs}")
+
+
+# ----------------------------------------------------------------------------- part 2: overlap
+def _overlap_runs(mesh, link: EmulatedLink, names: tuple[str, ...], microbatches: int):
+    dp_rank = mesh.dims.rank_coordinates(dist.get_rank())["dp"]
+    batch = _batch(MICRO_BATCH * microbatches * mesh.dims.dp, 0).chunk(mesh.dims.dp)[dp_rank]
+    runs = {}
+    for name in names:
+        for overlap in (False, True):
+            torch.manual_seed(0)
+            stages, runtime = build_pipeline(Transformer(CFG), mesh, name, microbatches,
+                                             zero_stage=2, overlap=overlap)
+            runtime.profile = True
+            install_exchange(stages, link.exchange)
+            runs[(name, overlap)] = (lambda rt=runtime: rt.step(batch, MTP_WEIGHT)), stages, runtime
+    return runs
+
+
+def _in_pairs(waits: list[tuple[float, float]], timeline: list[tuple[str, float, float]]) -> float:
+    """Seconds of ``waits`` that fall inside the rank's F&B actions."""
+    pairs = [(start, end) for kind, start, end in timeline if kind.startswith("F&")]
+    return sum(max(0.0, min(end, p_end) - max(start, p_start))
+               for start, end in waits for p_start, p_end in pairs)
+
+
+def _paired_share(schedule) -> float:
+    """Share of a schedule's compute chunks that run inside F&B pairs (all ranks)."""
+    from parallel.pipeline.ir import Compute, Overlapped
+
+    chunks = [a for program in schedule.ranks for a in program if isinstance(a, (Compute, Overlapped))]
+    paired = sum(2 for a in chunks if isinstance(a, Overlapped))
+    total = sum(2 if isinstance(a, Overlapped) else 1 for a in chunks
+                if not (isinstance(a, Compute) and a.kind == "W"))
+    return paired / total
+
+
+def _overlap_worker(rank: int, world: int, warmup: int, iters: int, microbatches: int) -> dict:
+    mesh = ParallelDims(pp=2, dp=2, ep=2).build_mesh("cpu")
+    link = EmulatedLink()  # calibrated below
+    names = ("dualpipe", "dualpipev")
+    runs = _overlap_runs(mesh, link, names, microbatches)
+    # calibration: compute time and exchanges of a DualPipe step with an instant link
+    run, model, runtime = runs[("dualpipe", False)]
+    for _ in range(warmup + 1):
+        link.stats.reset()
+        _timed(run, model)
+    busy = sum(end - start for _, start, end in runtime.timeline)
+    busy, exchanges, real_exposed = _mean_over_ranks([busy, link.stats.exchanges, link.stats.exposed_s])
+    per_exchange = busy / exchanges
+    nbytes = CFG.dim * 4 * MICRO_BATCH * SEQ_LEN * CFG.n_activated_experts  # rows of one micro-batch
+    link.latency_s, link.bandwidth = per_exchange / 2, nbytes / (per_exchange / 2)
+    results = {key: {"step": [], "exposed": [], "emulated": [], "exposed_in_pairs": []} for key in runs}
+    for iteration in range(warmup + iters):
+        for key, (run, model, runtime) in runs.items():
+            link.stats.reset()
+            seconds = _timed(run, model)
+            in_pairs = _in_pairs(link.stats.waits, runtime.timeline)
+            exposed, emulated, in_pairs = _mean_over_ranks([link.stats.exposed_s, link.stats.emulated_s, in_pairs])
+            if iteration >= warmup:
+                for field, value in (("step", seconds), ("exposed", exposed), ("emulated", emulated),
+                                     ("exposed_in_pairs", in_pairs)):
+                    results[key][field].append(value)
+    out = {key: {field: statistics.median(values) for field, values in fields.items()}
+           for key, fields in results.items()}
+    for key, (_, _, runtime) in runs.items():
+        out[key]["paired_share"] = _paired_share(runtime.schedule)
+    return {"runs": out, "calibration": {"compute_s": busy, "exchanges": exchanges, "real_exposed_s": real_exposed,
+                                         "latency_s": link.latency_s, "bandwidth": link.bandwidth}}
+
+
+def part_overlap(warmup: int, iters: int, microbatches: int) -> None:
+    ranks = 4
+    cores = len(os.sched_getaffinity(0))
+    result = run_ranks(_overlap_worker, ranks, warmup, iters, microbatches, timeout=1800)[0]
+    cal = result["calibration"]
+    print(f"\n## Part 2: exposed all-to-all, pp=2 x dp=2 x ep=2 (4 ranks on {cores} cores"
+          f"{', oversubscribed' if ranks > cores else ''}), {microbatches} micro-batches of "
+          f"{MICRO_BATCH} x {SEQ_LEN} tokens per dp rank, median of {iters}\n")
+    print(f"Emulated link: latency {cal['latency_s'] * 1e3:.2f} ms + {cal['bandwidth'] / 1e6:.0f} MB/s, "
+          f"calibrated so a DualPipe step's {cal['exchanges']:.0f} exchanges take its "
+          f"{cal['compute_s'] * 1e3:.0f} ms of compute (with an instant link, waiting for gloo's own "
+          f"all-to-all took {cal['real_exposed_s'] * 1e3:.0f} ms of it).\n")
+    print("| schedule | overlap | step ms | all-to-all ms (emulated) | exposed ms | exposed | hidden "
+          "| chunks in F&B pairs | exposed inside pairs |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    runs = result["runs"]
+    for (name, overlap), row in runs.items():
+        share = row["exposed"] / row["emulated"]
+        print(f"| {name} | {'on' if overlap else 'off'} | {row['step'] * 1e3:.0f} | "
+              f"{row['emulated'] * 1e3:.0f} | {row['exposed'] * 1e3:.0f} | {share:.0%} | {1 - share:.0%} "
+              f"| {row['paired_share']:.0%} | {row['exposed_in_pairs'] * 1e3:.0f} ms |")
+    for name in sorted({name for name, _ in runs}):
+        on, off = runs[(name, True)], runs[(name, False)]
+        print(f"\n{name}: exposed all-to-all on/off {on['exposed'] / off['exposed']:.2f}, "
+              f"step time on/off {on['step'] / off['step']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=("schedules", "overlap", "both"), default="both")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--overlap-microbatches", type=int, default=16,
+                        help="micro-batches per step in part 2 (DualPipe pairs F&B in its main phase only)")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} cores")
+    if args.part in ("schedules", "both"):
+        part_schedules(args.warmup, args.iters)
+    if args.part in ("overlap", "both"):
+        part_overlap(args.warmup, args.iters, args.overlap_microbatches)
+
+
+if __name__ == "__main__":
+    main()
