@@ -94,6 +94,17 @@ def test_pipeline_trainer_equals_one_process(corpus, tmp_path, schedule, pp, dp,
     assert_close(piped[-1]["val_loss"], reference[-1]["val_loss"])
 
 
+def test_pipeline_checkpoint_resumes_the_same_steps(corpus, tmp_path):
+    """A DualPipe run (pp=2, copies of each stage on two ranks) resumed from step 2 repeats step 3."""
+    shape = dict(pp=2, schedule="dualpipe", rows=8, n_layers=4)
+    straight = train(layout_config(corpus, tmp_path / "straight", every=2, **shape))
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step_00000002"
+    resumed = train(layout_config(corpus, tmp_path / "resumed", resume=str(checkpoint), **shape))
+    assert [m["step"] for m in resumed] == [3]
+    for key in ("loss", "total_loss", "grad_norm", "val_loss"):
+        assert resumed[0][key] == straight[2][key], key
+
+
 @pytest.mark.parametrize("source,target", [((2, 2), (1, 1)), ((2, 2), (4, 4)), ((1, 1), (4, 2))],
                          ids=["dp2ep2-to-dp1", "dp2ep2-to-dp4ep4", "dp1-to-dp4ep2"])
 def test_checkpoint_resumes_at_another_layout(corpus, tmp_path, source, target):
