@@ -10,10 +10,17 @@ optimizer step) of the same model on the same ranks, under
 
 Every iteration runs each schedule once, in turn, so load from elsewhere on the machine hits all
 alike; a step's time is the slowest rank's, a cell the median over iterations after warmup.
-Our runtimes also time each compute action: the *measured bubble* is the share of rank time
-outside compute actions; the *simulated bubble* is ``parallel.pipeline.simulate`` of the same
-IR with the measured mean F, B, I, W and F&B costs (one cost per kind for all stages, as the
-simulator's model states, while our last stage also runs the head and the MTP block).
+Our runtimes also time each compute action, and the bench logs their point-to-point calls
+(``_CommLog``). The runtime waits a receive inside the compute that consumes it; those waits are
+taken out of the action's time, so the *measured bubble* (1 - compute time / step time) counts
+waiting for a late tensor as idle. Measured alongside: each isend / irecv call's time (``post``),
+the delay from an isend returning to a waiting receiver having the tensor (``p2p``), and the
+step's time outside the program (step minus the span of its compute actions: sends waited,
+DualPipe's copy-gradient sum, the tied-embedding sum). The *simulated bubble* is
+``parallel.pipeline.simulate`` of the IR the runtime ran, with (a) one mean cost per kind for
+all stages; (b) each stage's own mean F, B, I, W (the last stage also runs the head, the MTP
+block and the loss, stage 0 the embedding; F&B pairs through the measured pair_overlap); (c) (b)
+plus p2p and post; (d) (c) with the time outside the program added to the step.
 
 Part 2, ``overlap`` (4 ranks, pp=2 x dp=2 x ep=2): DualPipe and DualPipeV with the expert
 all-to-all through ``transport.EmulatedLink``, calibrated so that the emulated all-to-all time of
@@ -26,6 +33,7 @@ Usage::
 
     python bench/pipeline.py                   # both parts, 5 timed iterations each
     python bench/pipeline.py --part overlap --iters 3
+    python bench/pipeline.py --part schedules --iters 5   # part 1 only, ~25 s
 
 Ranks are spawned with ``parallel.testing.run_ranks`` (gloo, one torch thread each); part 2 puts
 4 ranks on however many cores there are, and the bench says when that oversubscribes them.
@@ -38,7 +46,9 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -49,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsv3_train.config import ModelConfig  # noqa: E402
 from dsv3_train.model.transformer import Transformer  # noqa: E402
 from parallel.mesh import ParallelDims  # noqa: E402
-from parallel.pipeline import CostModel, build, simulate  # noqa: E402
+from parallel.pipeline import Compute, CostModel, Overlapped, TensorKey, build, produced, simulate  # noqa: E402
 from parallel.pipeline.overlap import Tape, run_forward, run_in_sequence, stage_program  # noqa: E402
 from parallel.pipeline.runtime import PipelineRuntime, build_pipeline  # noqa: E402
 from parallel.pipeline.stage import split_model  # noqa: E402
@@ -80,12 +90,17 @@ def _mean_over_ranks(values: list[float]) -> list[float]:
     return (tensor / dist.get_world_size()).tolist()
 
 
-def _timed(run, model: nn.Module) -> float:
+def _timed_here(run, model: nn.Module) -> float:
+    """This rank's seconds for one step, started together."""
     model.zero_grad(set_to_none=True)
     dist.barrier()
     start = time.perf_counter()
     run()
-    return _slowest(time.perf_counter() - start)
+    return time.perf_counter() - start
+
+
+def _timed(run, model: nn.Module) -> float:
+    return _slowest(_timed_here(run, model))
 
 
 # ------------------------------------------------------------------------------- part 1: peers
@@ -130,13 +145,107 @@ def _torch_schedule(name: str, rank: int, pp: int):
     return run, stages
 
 
+class _LoggedRecv:
+    """A pending receive whose wait is logged as (tensor key, start, end)."""
+
+    def __init__(self, key: TensorKey, pending, log: "_CommLog"):
+        self.key, self.pending, self.log = key, pending, log
+
+    def wait(self) -> torch.Tensor:
+        start = time.perf_counter()
+        tensor = self.pending.wait()
+        self.log.waits.append((self.key, start, time.perf_counter()))
+        return tensor
+
+
+class _CommLog:
+    """Wraps a runtime's point-to-point calls and logs one step of them (``clear`` per step):
+    ``posts``: seconds each isend / irecv call took; ``sent``: tensor key -> when its isend
+    returned; ``waits``: (key, start, end) of every receive wait."""
+
+    def __init__(self, runtime: PipelineRuntime):
+        self.posts, self.sent, self.waits = [], {}, []
+        send, recv = runtime.p2p.send, runtime.p2p.recv
+
+        def logged_send(key, *rest):
+            start = time.perf_counter()
+            work = send(key, *rest)
+            self.sent[key] = time.perf_counter()
+            self.posts.append(self.sent[key] - start)
+            return work
+
+        def logged_recv(key, *rest):
+            start = time.perf_counter()
+            pending = _LoggedRecv(key, recv(key, *rest), self)
+            self.posts.append(time.perf_counter() - start)
+            return pending
+        runtime.p2p.send, runtime.p2p.recv = logged_send, logged_recv
+
+    def clear(self) -> None:
+        self.posts, self.sent, self.waits = [], {}, []
+
+
+def _net_of_waits(start: float, end: float, waits: list) -> float:
+    """Seconds of [start, end] not spent in ``waits``."""
+    return end - start - sum(max(0.0, min(end, w_end) - max(start, w_start)) for _, w_start, w_end in waits)
+
+
 def _our_schedule(name: str, rank: int, pp: int):
     torch.manual_seed(0)
     stages = split_model(Transformer(CFG), name, pp, rank)
     schedule = build(name, pp, MICROBATCHES, n_layers=CFG.n_layers)
     runtime = PipelineRuntime(stages, schedule, dist.group.WORLD, profile=True)
     batch = _batch(MICRO_BATCH * MICROBATCHES, 0)
-    return (lambda: runtime.step(batch, MTP_WEIGHT)), stages, runtime
+    runtime.comm_log = _CommLog(runtime)
+
+    def run():
+        runtime.comm_log.clear()
+        runtime.step(batch, MTP_WEIGHT)
+    return run, stages, runtime
+
+
+def _action_keys(program) -> list[tuple[str, int, Optional[int]]]:
+    """(kind, stage, backward's stage or None) of each compute action, in the runtime's timeline order."""
+    keys = []
+    for action in program:
+        if isinstance(action, Overlapped):
+            keys.append((f"F&{action.backward.kind}", action.forward.stage, action.backward.stage))
+        elif isinstance(action, Compute):
+            keys.append((action.kind, action.stage, None))
+    return keys
+
+
+class _StepProfile:
+    """One rank's record of our runtime's timed steps (perf_counter is the host's monotonic clock,
+    so ranks on one host compare times directly)."""
+
+    def __init__(self):
+        self.samples = {}   # (kind, stage, backward stage) -> seconds of compute, net of receive waits
+        self.busy, self.waited, self.posting, self.outside, self.posts = [], [], [], [], []
+        self.steps = []     # per step: ({key: when its isend returned}, [(key, wait start, wait end)])
+
+    def record(self, here: float, runtime: PipelineRuntime) -> None:
+        timeline, log = runtime.timeline, runtime.comm_log
+        net = [_net_of_waits(start, end, log.waits) for _, start, end in timeline]
+        self.busy.append(sum(net))
+        self.waited.append(sum(end - start for _, start, end in log.waits))
+        self.posting.append(sum(log.posts))
+        self.posts += log.posts
+        self.outside.append(here - (timeline[-1][2] - timeline[0][1]))  # step minus the program's span
+        for (kind, _, _), net_s, key in zip(timeline, net, _action_keys(runtime.program), strict=True):
+            assert kind == key[0], (kind, key)
+            self.samples.setdefault(key, []).append(net_s)
+        self.steps.append((dict(log.sent), list(log.waits)))
+
+
+def _p2p_delays(profiles: list[_StepProfile]) -> list[float]:
+    """Seconds from a tensor's isend returning to its receiver having it, for every receive whose
+    wait began before that isend returned (so the wait's end is the arrival)."""
+    delays = []
+    for step in zip(*(p.steps for p in profiles)):
+        sent = {key: end for sent_here, _ in step for key, end in sent_here.items()}
+        delays += [w_end - sent[key] for _, waits in step for key, w_start, w_end in waits if w_start < sent[key]]
+    return delays
 
 
 def _schedules_worker(rank: int, world: int, warmup: int, iters: int) -> dict:
@@ -148,40 +257,73 @@ def _schedules_worker(rank: int, world: int, warmup: int, iters: int) -> dict:
         run, model = _torch_schedule(name, rank, world)
         runs[f"torch {name}"] = (run, model, None)
     times = {label: [] for label in runs}
-    costs = {label: {} for label in runs}
-    busy = {label: [] for label in runs}
+    profiles = {label: _StepProfile() for label, (_, _, runtime) in runs.items() if runtime is not None}
     for iteration in range(warmup + iters):
         for label, (run, model, runtime) in runs.items():
-            seconds = _timed(run, model)
-            if iteration < warmup:
-                continue
-            times[label].append(seconds)
-            if runtime is not None:
-                busy[label].append(sum(end - start for _, start, end in runtime.timeline))
-                for kind, start, end in runtime.timeline:
-                    costs[label].setdefault(kind, []).append(end - start)
-    out = {}
-    for label in runs:
-        row = {"step_s": statistics.median(times[label]), "times": times[label]}
-        if busy[label]:
-            busy_s = _mean_over_ranks([statistics.median(busy[label])])[0]
-            row["measured_bubble"] = 1 - busy_s / row["step_s"]
-            kinds = sorted(costs[label])
-            means = _mean_over_ranks([statistics.mean(costs[label][k]) for k in kinds])
-            row["costs"] = dict(zip(kinds, means))
-        out[label] = row
+            here = _timed_here(run, model)
+            seconds = _slowest(here)
+            if iteration >= warmup:
+                times[label].append(seconds)
+                if label in profiles:
+                    profiles[label].record(here, runtime)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, profiles)
+    out = {label: {"step_s": statistics.median(times[label]), "times": times[label]} for label in runs}
+    for label in profiles:
+        row, ranks = out[label], [g[label] for g in gathered]
+        row["measured_bubble"] = 1 - _mean([statistics.median(p.busy) for p in ranks]) / row["step_s"]
+        row["waited_s"] = _mean([statistics.median(p.waited) for p in ranks])
+        row["posting_s"] = _mean([statistics.median(p.posting) for p in ranks])
+        row["post_s"] = statistics.mean(post for p in ranks for post in p.posts)
+        row["outside_s"] = max(statistics.median(p.outside) for p in ranks)
+        row["samples"] = {}
+        for p in ranks:
+            for key, values in p.samples.items():
+                row["samples"].setdefault(key, []).extend(values)
+        delays = _p2p_delays(ranks)
+        # gloo often delivers a small tensor inside the isend call: a negative median is 0 here
+        row["p2p_s"] = max(0.0, statistics.median(delays)) if delays else 0.0
     return out
 
 
-def _simulated(label: str, row: dict, pp: int) -> tuple[float, float]:
-    """(step time, bubble fraction) the simulator predicts from the measured costs."""
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _uniform_costs(samples: dict) -> CostModel:
+    """One mean per kind for every stage (the simulator's model before per-stage costs)."""
+    by_kind = {}
+    for (kind, _, _), values in samples.items():
+        by_kind.setdefault("F&B" if kind.startswith("F&") else kind, []).extend(values)
+    means = {kind: _mean(values) for kind, values in by_kind.items()}
+    return CostModel(forward=means["F"], backward=means.get("B", means["F"] * 2), weight=means.get("W", 0.0),
+                     input_grad=means.get("I"), forward_backward=means.get("F&B"))
+
+
+def _per_stage_costs(samples: dict) -> CostModel:
+    """Each stage's mean F, B, I, W; a stage without a lone B gets I + W. F&B pairs give
+    pair_overlap = sum(pair [+ W if I]) / sum(F of the forward's stage + B of the backward's)."""
+    stages = sorted({stage for (kind, stage, _) in samples if not kind.startswith("F&")})
+    per_stage = {}
+    for s in stages:
+        means = {kind: _mean(values) for (kind, stage, _), values in samples.items() if stage == s and "&" not in kind}
+        means.setdefault("W", 0.0)
+        if "B" not in means:
+            means["B"] = means["I"] + means["W"]
+        per_stage[s] = means
+    measured = modelled = 0.0
+    for (kind, f, b), values in samples.items():
+        if kind.startswith("F&"):
+            measured += sum(values) + (per_stage[b]["W"] * len(values) if kind == "F&I" else 0.0)
+            modelled += (per_stage[f]["F"] + per_stage[b]["B"]) * len(values)
+    uniform = _uniform_costs(samples)
+    return CostModel(forward=uniform.forward, backward=uniform.backward, weight=uniform.weight,
+                     per_stage=per_stage, pair_overlap=measured / modelled if modelled else 1.0)
+
+
+def _simulated(label: str, cost: CostModel, pp: int):
     name = label.split()[1]
-    costs = row["costs"]
-    cost = CostModel(forward=costs["F"], backward=costs.get("B", costs["F"] * 2),
-                     weight=costs.get("W", 0.0), input_grad=costs.get("I"),
-                     forward_backward=costs.get("F&B"))
-    result = simulate(build(name, pp, MICROBATCHES, n_layers=CFG.n_layers, communication=False), cost)
-    return result.step_time, result.bubble_fraction
+    return simulate(build(name, pp, MICROBATCHES, n_layers=CFG.n_layers), cost)  # the IR the runtime ran
 
 
 def part_schedules(warmup: int, iters: int) -> None:
@@ -189,15 +331,26 @@ def part_schedules(warmup: int, iters: int) -> None:
     rows = run_ranks(_schedules_worker, pp, warmup, iters, timeout=1200)[0]
     print(f"\n## Part 1: step time, pp={pp} (2 ranks), {MICROBATCHES} micro-batches of {MICRO_BATCH} x "
           f"{SEQ_LEN} tokens, {CFG.n_layers} MoE blocks + MTP, median of {iters}\n")
-    print("| schedule | step ms | measured bubble | simulated bubble | simulated step ms |")
-    print("|---|---:|---:|---:|---:|")
+    print("| schedule | step ms | measured bubble | receive waits ms | posting ms | outside the program ms "
+          "| p2p ms | post ms | simulated: one cost per kind | per-stage costs | per-stage + p2p + post "
+          "| per-stage + p2p + post + outside |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, row in rows.items():
-        if "costs" in row:
-            sim_step, sim_bubble = _simulated(label, row, pp)
-            print(f"| {label} | {row['step_s'] * 1e3:.0f} | {row['measured_bubble']:.1%} | "
-                  f"{sim_bubble:.1%} | {sim_step * 1e3:.0f} |")
-        else:
-            print(f"| {label} | {row['step_s'] * 1e3:.0f} | | | |")
+        if "samples" not in row:
+            print(f"| {label} | {row['step_s'] * 1e3:.0f} |" + " |" * 10)
+            continue
+        measured = row["measured_bubble"]
+        staged = _per_stage_costs(row["samples"])
+        uniform = _simulated(label, _uniform_costs(row["samples"]), pp).bubble_fraction
+        per_stage = _simulated(label, staged, pp).bubble_fraction
+        with_comm = _simulated(label, replace(staged, p2p=row["p2p_s"], post=row["post_s"]), pp)
+        with_outside = 1 - sum(with_comm.busy) / (pp * (with_comm.step_time + row["outside_s"]))
+        cells = " | ".join(f"{value:.1%} ({(value - measured) * 100:+.1f})"
+                           for value in (uniform, per_stage, with_comm.bubble_fraction, with_outside))
+        print(f"| {label} | {row['step_s'] * 1e3:.0f} | {measured:.1%} | {row['waited_s'] * 1e3:.0f} | "
+              f"{row['posting_s'] * 1e3:.0f} | {row['outside_s'] * 1e3:.0f} | {row['p2p_s'] * 1e3:.1f} | "
+              f"{row['post_s'] * 1e3:.1f} | {cells} |")
+    print("\n(simulated bubble, and in brackets its difference from the measured one in points)")
     print()
     for ours, theirs in (("ours dualpipev", "torch dualpipev"), ("ours 1f1b", "torch 1f1b"),
                          ("ours dualpipev", "ours 1f1b"), ("ours dualpipe", "ours 1f1b")):
@@ -205,9 +358,11 @@ def part_schedules(warmup: int, iters: int) -> None:
         print(f"{ours} / {theirs}: {statistics.median(ratios):.2f} "
               f"(per-iteration range {ratios[0]:.2f}-{ratios[-1]:.2f})")
     for label, row in rows.items():
-        if "costs" in row:
-            costs = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["costs"].items())
-            print(f"  {label} mean ms per action: {costs}")
+        if "samples" in row:
+            cost = _per_stage_costs(row["samples"])
+            stages = "; ".join(f"stage {s}: " + ", ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(c.items()))
+                               for s, c in cost.per_stage.items())
+            print(f"  {label} mean ms per action: {stages}; pair_overlap {cost.pair_overlap:.2f}")
 
 
 # ----------------------------------------------------------------------------- part 2: overlap

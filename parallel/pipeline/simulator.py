@@ -3,8 +3,10 @@
 The replay is exact for the model it states: every rank runs its program in order; a compute
 starts when the rank is free and every tensor it consumes has arrived (``p2p`` after the later
 of the matching ``Send`` and ``Recv`` being posted; a schedule without communication actions
-uses the producer's end time instead); sends and receives take no rank time. Costs are per chunk
-(one stage, one micro-batch), the same on every stage.
+uses the producer's end time instead); posting a send or a receive takes ``post`` rank time
+(default none), counted as idle like any time outside compute. Costs are per chunk
+(one stage, one micro-batch), the same on every stage unless ``CostModel.per_stage`` gives some
+stages their own (e.g. the last stage, which also runs the head, the MTP block and the loss).
 
 Reported per rank:
 
@@ -19,9 +21,9 @@ Reported per rank:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Union
+from typing import Mapping, Optional, Union
 
 from .ir import (BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Action, Compute, Overlapped, Recv,
                  Schedule, ScheduleError, Send, TensorKey, computes, consumed, produced)
@@ -44,17 +46,40 @@ class CostModel:
     (no overlap benefit). A pair whose backward is an ``I`` costs F&B - W."""
     p2p: float = 0.0
     """Point-to-point transfer time of one activation or gradient between neighbouring ranks."""
+    post: float = 0.0
+    """Rank time to post one ``Send`` or ``Recv`` (a runtime's isend / irecv call): idle, not busy,
+    and only in schedules with communication actions."""
     a2a_forward: float = 0.0
     """The part of F spent in expert all-to-all (dispatch + combine); exposed unless overlapped."""
     a2a_backward: float = 0.0
     """The part of B (and of I) spent in expert all-to-all; W has none."""
+    per_stage: Optional[Mapping[int, Mapping[str, float]]] = field(default=None, hash=False)
+    """Costs of particular stages, ``{stage: {"F": .., "B": .., "W": .., "I": ..}}`` (global stage
+    index in forward order, both directions); a key a stage leaves out takes the uniform value,
+    except I, which defaults to that stage's B - W unless ``input_grad`` is given."""
+    pair_overlap: Optional[float] = None
+    """With ``per_stage``: an F&B pair touching a listed stage costs pair_overlap x (its forward's F
+    + its backward's B), minus the backward stage's W when the backward is an I (the uniform
+    rule F&B - W, per pair). Default forward_backward / (forward + backward): the uniform
+    F&B's overlap gain, 1 when F&B is not given."""
 
     _ALIASES = {"F": "forward", "B": "backward", "W": "weight", "I": "input_grad",
                 "F&B": "forward_backward"}
+    _STAGE_KEYS = ("F", "B", "W", "I")
+
+    def __post_init__(self):
+        for stage, costs in (self.per_stage or {}).items():
+            unknown = sorted(set(costs) - set(self._STAGE_KEYS))
+            if not isinstance(stage, int) or stage < 0 or unknown:
+                raise ValueError(f"per_stage entry {stage!r}: {dict(costs)} must map a stage index >= 0 "
+                                 f"to costs keyed by {list(self._STAGE_KEYS)} (unknown: {unknown}; "
+                                 f"give an F&B pair's overlap as pair_overlap)")
 
     @classmethod
     def load(cls, source: Union[str, Path, dict]) -> "CostModel":
-        """From a dict or a JSON file of measured phase costs; keys are field names or F, B, W, I, F&B."""
+        """From a dict or a JSON file of measured phase costs; keys are field names or F, B, W, I, F&B.
+
+        ``per_stage`` is ``{"<stage>": {"F": .., ...}}`` (JSON keys are strings)."""
         data = source if isinstance(source, dict) else json.loads(Path(source).read_text())
         names = {f.name for f in fields(cls)}
         kwargs = {}
@@ -63,7 +88,11 @@ class CostModel:
             if name not in names:
                 known = sorted(names | set(cls._ALIASES))
                 raise ValueError(f"cost key ({key!r}) is unknown: use one of {known}")
-            kwargs[name] = float(value)
+            if name == "per_stage":
+                kwargs[name] = {int(stage): {k: float(v) for k, v in costs.items()}
+                                for stage, costs in value.items()}
+            else:
+                kwargs[name] = float(value)
         return cls(**kwargs)
 
     @property
@@ -74,19 +103,38 @@ class CostModel:
     def FB(self) -> float:
         return self.forward + self.backward if self.forward_backward is None else self.forward_backward
 
+    def phase(self, kind: str, stage: int) -> float:
+        """The cost of one chunk of ``kind`` (F, B, I or W) on ``stage``."""
+        given = (self.per_stage or {}).get(stage, {})
+        if kind in given:
+            return given[kind]
+        if kind == INPUT_GRAD and self.input_grad is None:
+            return self.phase(BACKWARD, stage) - self.phase(WEIGHT_GRAD, stage)
+        return {FORWARD: self.forward, BACKWARD: self.backward, INPUT_GRAD: self.I,
+                WEIGHT_GRAD: self.weight}[kind]
+
+    def _pair(self, pair: Overlapped) -> float:
+        f, b = pair.forward.stage, pair.backward.stage
+        minus_w = self.phase(WEIGHT_GRAD, b) if pair.backward.kind == INPUT_GRAD else 0.0
+        listed = self.per_stage or {}
+        if f not in listed and b not in listed:
+            return self.FB - minus_w
+        overlap = self.FB / (self.forward + self.backward) if self.pair_overlap is None else self.pair_overlap
+        return overlap * (self.phase(FORWARD, f) + self.phase(BACKWARD, b)) - minus_w
+
     def of(self, action: Action) -> float:
-        """The rank time an action takes (communication actions take none)."""
+        """The busy rank time an action takes (none for communication: posting is ``post``, idle)."""
         if isinstance(action, Overlapped):
-            return self.FB - (self.weight if action.backward.kind == INPUT_GRAD else 0.0)
+            return self._pair(action)
         if isinstance(action, Compute):
-            return {FORWARD: self.forward, BACKWARD: self.backward, INPUT_GRAD: self.I,
-                    WEIGHT_GRAD: self.weight}[action.kind]
+            return self.phase(action.kind, action.stage)
         return 0.0
 
     def exposed_all_to_all(self, action: Action) -> float:
         """All-to-all time of an action that no compute hides."""
         if isinstance(action, Overlapped):
-            busy = self.forward - self.a2a_forward + self.of(action.backward) - self.a2a_backward
+            busy = (self.of(action.forward) - self.a2a_forward + self.of(action.backward)
+                    - self.a2a_backward)
             return max(0.0, self.of(action) - busy)
         if isinstance(action, Compute):
             return {FORWARD: self.a2a_forward, BACKWARD: self.a2a_backward,
@@ -198,6 +246,8 @@ class _Replay:
         program, moved = self.s.ranks[rank], False
         while self.pc[rank] < len(program):
             action = program[self.pc[rank]]
+            if isinstance(action, (Send, Recv)):
+                self.clock[rank] += self.cost.post
             if isinstance(action, Send):
                 self.sent_at[action.key] = max(self.clock[rank], self.produced_at.get(action.key, 0.0))
             elif isinstance(action, Recv):
