@@ -32,6 +32,7 @@ setup(
             "dsv3-plot=dsv3_train.plot:main",
             "dsv3-generate=dsv3_train.generate:main",
             "dsv3-launch=launch.cli:main",
+            "dsv3-posttrain=dsv3_train.posttrain.cli:main",
         ],
     },
 )
