@@ -55,6 +55,7 @@ def _start_runtime():
 def _stop_runtime(runtime) -> None:
     if isinstance(runtime, Replicas):
         import torch.distributed as dist
+        dist.barrier()  # no rank leaves while another still has gloo work in flight
         dist.destroy_process_group()
 
 
