@@ -84,7 +84,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                                 f"(no {TRAINER_STATE}): point it at a {STEP_PREFIX}* directory")
     model_state, optim_state = get_state_dict(model, optimizer)
     if layout is not None:
-        layout.to_global(model_state, optim_state)  # templates of the global shapes
+        layout.to_global(model_state, optim_state, gather=False)  # templates of the global shapes
     state = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

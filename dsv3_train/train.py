@@ -72,7 +72,7 @@ def _train(cfg: Config, mesh, stop_at: int | None) -> list[dict]:
                                         autocast=lambda: autocast_context(cfg.train.precision))
     elif mesh is not None:
         distributed.parallelize(model, mesh, cfg.parallel.zero_stage)
-        runtime = distributed.DistributedRuntime(mesh, model)
+        runtime = distributed.DistributedRuntime(mesh, model, cfg.train)
     trainer = Trainer(cfg, model, dataset, run_dir, runtime=runtime)
     resumed = trainer.resume()
     wandb_id = None

@@ -25,11 +25,38 @@ from dsv3_train.precision import keep_moments_in_bf16
 
 
 class LocalRuntime:
-    """One process: no slicing, no communication."""
+    """One process: no slicing, no communication. Runs a step's micro-batches one after another;
+    ``parallel.distributed.DistributedRuntime`` reuses the loop and adds the collectives, and the
+    pipeline runtime replaces it with its schedule."""
 
     dp_rank, dp_size, is_main = 0, 1, True
     reduce_load = None
     checkpoint_layout = None
+
+    def __init__(self, train: TrainConfig):
+        self.train = train
+
+    def forward_backward(self, model: torch.nn.Module, batch: torch.Tensor, mtp_weight: float,
+                         eos_id: Optional[int]) -> dict:
+        """Forward and backward of every micro-batch of this rank's batch, gradients reduced once,
+        after the last. loss: next-token cross-entropy (comparable to val_loss); total_loss: what
+        is optimised."""
+        tc = self.train
+        sums = {"loss": 0.0, "total_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+        for index, micro_batch in enumerate(batch.chunk(tc.grad_accum)):
+            self.grad_sync(model, index == tc.grad_accum - 1)
+            with autocast_context(tc.precision):
+                terms = model.loss(micro_batch, mtp_weight, eos_id)
+            (terms.total / tc.grad_accum).backward()
+            sums["loss"] += terms.main.item() / tc.grad_accum
+            sums["total_loss"] += terms.total.item() / tc.grad_accum
+            sums["mtp_loss"] += sum(m.item() for m in terms.mtp) / max(1, len(terms.mtp)) / tc.grad_accum
+            sums["balance_loss"] += terms.balance.item() / tc.grad_accum
+        return sums
+
+    def evaluate_loss(self, model: torch.nn.Module, batch: torch.Tensor, eos_id: Optional[int]) -> float:
+        with autocast_context(self.train.precision):
+            return model.loss(batch, 0.0, eos_id).main.item()
 
     def grad_sync(self, model: torch.nn.Module, enabled: bool) -> None:
         pass
@@ -39,9 +66,6 @@ class LocalRuntime:
 
     def mean(self, values: list[float]) -> list[float]:
         return values
-
-    def barrier(self) -> None:
-        pass
 
     def reshard(self, model: torch.nn.Module) -> None:
         pass
@@ -71,7 +95,7 @@ class Trainer:
         self.cfg, self.model, self.dataset = cfg, model, dataset
         self.run_dir = Path(run_dir)
         self.logger = logger
-        self.runtime = runtime if runtime is not None else LocalRuntime()
+        self.runtime = runtime if runtime is not None else LocalRuntime(cfg.train)
         tc, rt = cfg.train, self.runtime
         self.optimizer = build_optimizer(model, tc)
         if cfg.precision.bf16_optimizer_moments:
@@ -143,11 +167,7 @@ class Trainer:
         lam = schedule.mtp_weight(tc, step)
         self.model.train()
         rt = self.runtime
-        batch = self.sampler.next_batch()
-        if hasattr(rt, "forward_backward"):  # a pipeline runtime runs the whole schedule
-            sums = rt.forward_backward(self.model, batch, lam, self._eos_id())
-        else:
-            sums = self._accumulate(batch, lam)
+        sums = rt.forward_backward(self.model, self.sampler.next_batch(), lam, self._eos_id())
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = rt.clip_grad_norm(self.model, max_norm)
         self.optimizer.step()
@@ -159,35 +179,12 @@ class Trainer:
         return {"step": self.step, **sums, "lr": lr, "mtp_weight": lam, "grad_norm": grad_norm.item(),
                 "tokens_per_s": self.tokens_per_step / elapsed, **_load_metrics(loads)}
 
-    def _accumulate(self, batch: torch.Tensor, lam: float) -> dict:
-        """Forward and backward of every micro-batch; gradients reduced once, after the last.
-        loss: next-token cross-entropy (comparable to val_loss); total_loss: what is optimised."""
-        tc, rt = self.cfg.train, self.runtime
-        sums = {"loss": 0.0, "total_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
-        for index, micro_batch in enumerate(batch.chunk(tc.grad_accum)):
-            rt.grad_sync(self.model, index == tc.grad_accum - 1)
-            with autocast_context(tc.precision):
-                terms = self.model.loss(micro_batch, lam, self._eos_id())
-            (terms.total / tc.grad_accum).backward()
-            sums["loss"] += terms.main.item() / tc.grad_accum
-            sums["total_loss"] += terms.total.item() / tc.grad_accum
-            sums["mtp_loss"] += sum(m.item() for m in terms.mtp) / max(1, len(terms.mtp)) / tc.grad_accum
-            sums["balance_loss"] += terms.balance.item() / tc.grad_accum
-        return sums
-
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-token cross-entropy on the fixed held-out batches (every rank runs all of
         them: expert parallelism needs every rank of an ep group in each forward)."""
         self.model.eval()
-        losses = []
-        pipeline = getattr(self.runtime, "evaluate_loss", None)
-        for batch in self.val_batches:
-            if pipeline is not None:  # the stages pass activations between ranks
-                losses.append(pipeline(self.model, batch, self._eos_id()))
-                continue
-            with autocast_context(self.cfg.train.precision):
-                losses.append(self.model.loss(batch, 0.0, self._eos_id()).main.item())
+        losses = [self.runtime.evaluate_loss(self.model, batch, self._eos_id()) for batch in self.val_batches]
         self.model.train()
         return sum(losses) / len(losses)
 

@@ -34,13 +34,10 @@ class Layout:
     """Pipeline schedule: none (pp = 1), 1f1b, zb1p, dualpipe or dualpipev."""
     gpus_per_node: int = 8
 
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.dp
-
-    @property
-    def edp(self) -> int:
-        return self.dp // self.ep
+    # the mesh's own derivations (pp x dp, dp / ep), without ParallelDims' eager checks: a Layout may
+    # be built from a plan that ``check`` is about to reject
+    world_size = ParallelDims.world_size
+    edp = ParallelDims.edp
 
     @property
     def n_stages(self) -> int:

@@ -19,8 +19,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from dsv3_train.config import Config, ConfigError
+from dsv3_train.config import Config, ConfigError, TrainConfig
 from dsv3_train.model.moe import GroupedExperts
+from dsv3_train.trainer import LocalRuntime
 from parallel.expert import apply_expert_parallel
 from parallel.mesh import ParallelDims, ParallelMesh
 from parallel import zero
@@ -62,10 +63,19 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, zero_stage: int) -> None:
     zero.apply_zero(model, mesh, stage=zero_stage)
 
 
-class DistributedRuntime:
-    """The trainer's view of many ranks (see the module docstring)."""
+def mean_over(group, values: list[float]) -> list[float]:
+    """Average per-rank scalars over the ranks of group."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, group=group)
+    return (tensor / dist.get_world_size(group)).tolist()
 
-    def __init__(self, mesh: ParallelMesh, model: nn.Module):
+
+class DistributedRuntime(LocalRuntime):
+    """The trainer's view of many ranks (see the module docstring): the local micro-batch loop
+    with gradient sync switched per micro-batch, plus the collectives."""
+
+    def __init__(self, mesh: ParallelMesh, model: nn.Module, train: TrainConfig):
+        super().__init__(train)
         self.mesh = mesh
         self.dp_group = mesh.group("dp")
         self.dp_rank, self.dp_size = dist.get_rank(self.dp_group), dist.get_world_size(self.dp_group)
@@ -80,13 +90,7 @@ class DistributedRuntime:
         return zero.clip_grad_norm_(model, max_norm)
 
     def mean(self, values: list[float]) -> list[float]:
-        """Average per-rank scalars over the data-parallel ranks."""
-        tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor, group=self.dp_group)
-        return (tensor / self.dp_size).tolist()
-
-    def barrier(self) -> None:
-        dist.barrier()
+        return mean_over(self.dp_group, values)
 
     def reshard(self, model: nn.Module) -> None:
         zero.reshard(model)
@@ -125,10 +129,17 @@ class ExpertCheckpointLayout:
                     if isinstance(value, torch.Tensor) and value.dim() > 0:
                         yield per_param[fqn], key, fqn
 
-    def to_global(self, model_state: dict, optim_state: dict) -> None:
+    def to_global(self, model_state: dict, optim_state: dict, gather: bool = True) -> None:
+        """Expert entries become (E, ...) DTensors on the ep mesh. ``gather=False`` only builds
+        empty templates of that shape (what a load fills), without gathering over edp."""
         for container, key, _ in self._tensors(model_state, optim_state):
             value = container[key]
-            block = value.full_tensor() if isinstance(value, DTensor) else value
+            if not isinstance(value, DTensor):
+                block = value
+            elif gather:
+                block = value.full_tensor()
+            else:
+                block = torch.empty(value.shape, dtype=value.dtype, device=value.device)
             container[key] = DTensor.from_local(block, self.ep_mesh, [Shard(0)], run_check=False)
 
     def to_local(self, model_state: dict, optim_state: dict) -> None:

@@ -4,10 +4,13 @@
 fresh processes that have joined one gloo process group, and returns their results in rank order.
 A child's exception is re-raised in the caller with the child's traceback; a run that exceeds
 ``timeout`` seconds is killed and raises TimeoutError. Children always leave the process group and
-are always reaped, also when the caller is interrupted.
+are always reaped, also when the caller is interrupted. Results travel as ``torch.save`` bytes: a
+tensor put on a multiprocessing queue is shared through a file descriptor that dies with the child,
+which may exit before the parent reads it.
 """
 from __future__ import annotations
 
+import io
 import os
 import queue as queue_module
 import socket
@@ -37,12 +40,20 @@ def _child(rank: int, world_size: int, port: int, fn: Callable, args: tuple, res
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout))
-        results.put((rank, True, fn(rank, world_size, *args)))
+        results.put((rank, True, _to_bytes(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _to_bytes(value: Any) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
@@ -74,7 +85,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             collected[rank] = value
         for proc in procs:
             proc.join(timeout=max(1.0, deadline - time.monotonic()))
-        return [collected[rank] for rank in range(world_size)]
+        import torch
+
+        return [torch.load(io.BytesIO(collected[rank]), weights_only=False) for rank in range(world_size)]
     finally:
         for proc in procs:
             if proc.is_alive():

@@ -23,9 +23,9 @@ from torch import nn
 
 from dsv3_train.config import ConfigError, ModelConfig
 from dsv3_train.model.layers import SwiGLU
-from dsv3_train.precision import (BlockwiseFp8Gemms, DefersWeightGrad, PrecisionConfig, ambient_dtype,
-                                  resolve_precision)
+from dsv3_train.precision import DefersWeightGrad, PrecisionConfig, ambient_dtype, resolve_precision
 from dsv3_train.precision.deferral import accumulate_grad
+from dsv3_train.precision.gemm import gemms_for
 
 
 @dataclass
@@ -274,8 +274,7 @@ class GroupedExperts(DefersWeightGrad, nn.Module):
         if self.precision.uses_te:
             raise ConfigError("GroupedExperts has no Transformer Engine path: build routed experts "
                               "with make_grouped_experts(..., precision) to get TE's GroupedLinear")
-        self.fp8_gemms = BlockwiseFp8Gemms(self.precision.tile, self.precision.block,
-                                     self.precision.power_of_two_scales) if self.precision.fp8 else None
+        self.fp8_gemms = gemms_for(self.precision) if self.precision.fp8 else None  # BlockwiseFp8Gemms
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * hidden, dim))  # [gate; up] per expert
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))  # down per expert
 

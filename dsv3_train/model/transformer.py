@@ -75,11 +75,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        with building_with(precision):
+        with building_with(precision):  # reaches the factory linears and experts only
             self.layers = nn.ModuleList(Block(cfg, moe=i >= cfg.n_dense_layers) for i in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        with building_with(precision):
+            self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
             self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, moe=cfg.n_layers >= cfg.n_dense_layers))
                                      for _ in range(cfg.mtp_depth))
         cos, sin = rope_tables(cfg)

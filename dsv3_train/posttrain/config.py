@@ -8,14 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from dsv3_train.config import ConfigError, ModelConfig, TrainConfig
+from dsv3_train.config import ConfigError, ModelConfig, TrainConfig, _require  # noqa: F401 (ConfigError re-exported)
 from dsv3_train.posttrain.objective import LOSS_AGGREGATIONS
 from dsv3_train.posttrain.rewards import RewardSpec
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+def _require_positive(section: str, cfg, names: Sequence[str]) -> None:
+    for name in names:
+        _require(getattr(cfg, name) > 0, f"{section}.{name} ({getattr(cfg, name)}) must be > 0")
 
 
 @dataclass
@@ -99,8 +99,7 @@ class SFTConfig:
     """Report metrics every this many steps."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "micro_batch_size", "seq_len", "log_every"):
-            _require(getattr(self, name) > 0, f"sft.{name} ({getattr(self, name)}) must be > 0")
+        _require_positive("sft", self, ("steps", "batch_size", "micro_batch_size", "seq_len", "log_every"))
 
 
 @dataclass
@@ -159,9 +158,8 @@ class GRPOConfig:
     """Greedy held-out accuracy every this many steps (and at the first and last; 0 = never)."""
 
     def __post_init__(self) -> None:
-        for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "inner_updates",
-                     "micro_batch_size", "max_sampling_rounds", "log_every"):
-            _require(getattr(self, name) > 0, f"grpo.{name} ({getattr(self, name)}) must be > 0")
+        _require_positive("grpo", self, ("steps", "prompts_per_step", "group_size", "max_new_tokens",
+                                         "inner_updates", "micro_batch_size", "max_sampling_rounds", "log_every"))
         _require(self.group_size >= 2, f"grpo.group_size ({self.group_size}) must be >= 2: advantages "
                                        f"compare samples of the same prompt")
         _require(self.loss_aggregation in LOSS_AGGREGATIONS,

@@ -8,6 +8,7 @@ tokens (EOS included), so the loss is on the completion only.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -30,6 +31,22 @@ def write_jsonl(path, rows: Iterable[dict]) -> Path:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return path
+
+
+class ShuffledEpochs:
+    """Indices 0..n-1 drawn k at a time from shuffled epochs; a fresh epoch is appended whenever
+    fewer than k remain."""
+
+    def __init__(self, n: int, seed: str):
+        self.n, self.rng, self.order = n, random.Random(seed), []
+
+    def take(self, k: int) -> list[int]:
+        while len(self.order) < k:
+            epoch = list(range(self.n))
+            self.rng.shuffle(epoch)
+            self.order += epoch
+        taken, self.order = self.order[:k], self.order[k:]
+        return taken
 
 
 @dataclass(frozen=True)

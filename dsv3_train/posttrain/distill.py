@@ -16,7 +16,7 @@ from dsv3_train.model import Transformer
 from dsv3_train.posttrain.config import SampleConfig, SFTConfig
 from dsv3_train.posttrain.data import encode_examples
 from dsv3_train.posttrain.modeling import count_parameters
-from dsv3_train.posttrain.rejection import keep_verified, sample_completions
+from dsv3_train.posttrain.rejection import keep_verified, sample_completions, without_labels
 from dsv3_train.posttrain.replicas import SingleProcess
 from dsv3_train.posttrain.sft import train_sft
 from dsv3_train.posttrain.tokenizer import CharTokenizer
@@ -31,8 +31,7 @@ def teacher_dataset(teacher: Transformer, rows: Sequence[dict], tokenizer: CharT
                     accuracy_reward: str, verified_only: bool, reward_workers: int = 1) -> tuple[list[dict], dict]:
     """The teacher's completions of rows as SFT rows (only verified ones when verified_only)."""
     samples = sample_completions(teacher, rows, tokenizer, cfg, accuracy_reward, reward_workers)
-    kept = keep_verified(samples) if verified_only else [
-        {k: v for k, v in s.items() if k not in ("correct", "formatted")} for s in samples]
+    kept = keep_verified(samples) if verified_only else [without_labels(s) for s in samples]
     stats = {"teacher_samples": len(samples), "kept": len(kept),
              "teacher_sample_accuracy": sum(s["correct"] for s in samples) / len(samples)}
     return kept, stats

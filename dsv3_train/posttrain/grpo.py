@@ -27,6 +27,7 @@ import torch
 from dsv3_train.model import Transformer
 from dsv3_train.model.transformer import IGNORE_INDEX
 from dsv3_train.posttrain.config import GRPOConfig
+from dsv3_train.posttrain.data import ShuffledEpochs
 from dsv3_train.posttrain.modeling import expert_load_imbalance, forward_logits, token_logprobs
 from dsv3_train.posttrain.objective import aggregation_weights, group_advantages, policy_loss
 from dsv3_train.posttrain.replicas import SingleProcess
@@ -204,15 +205,10 @@ class PromptStream:
 
     def __init__(self, rows: Sequence[dict], per_step: int, seed: int, runtime):
         self.rows, self.per_step, self.runtime = list(rows), per_step, runtime
-        self.rng, self.order = random.Random(f"grpo-prompts-{seed}"), []
+        self.epochs = ShuffledEpochs(len(self.rows), f"grpo-prompts-{seed}")
 
     def __call__(self) -> list[dict]:
-        while len(self.order) < self.per_step:
-            epoch = list(range(len(self.rows)))
-            self.rng.shuffle(epoch)
-            self.order += epoch
-        taken, self.order = self.order[:self.per_step], self.order[self.per_step:]
-        return self.runtime.shard([self.rows[i] for i in taken])
+        return self.runtime.shard([self.rows[i] for i in self.epochs.take(self.per_step)])
 
 
 def train_grpo(policy: Transformer, train_rows: Sequence[dict], tokenizer: CharTokenizer, cfg: GRPOConfig,

@@ -35,6 +35,11 @@ def sample_completions(model: Transformer, rows: Sequence[dict], tokenizer: Char
     return labelled
 
 
+def without_labels(sample: dict) -> dict:
+    """A labelled sample as an SFT row: its columns less "correct" and "formatted"."""
+    return {k: v for k, v in sample.items() if k not in ("correct", "formatted")}
+
+
 def keep_verified(samples: Sequence[dict]) -> list[dict]:
     """Correct and well-formatted samples, first occurrence of each (prompt, completion) pair."""
     seen, kept = set(), []
@@ -42,7 +47,7 @@ def keep_verified(samples: Sequence[dict]) -> list[dict]:
         key = (sample["prompt"], sample["completion"])
         if sample["correct"] and sample["formatted"] and key not in seen:
             seen.add(key)
-            kept.append({k: v for k, v in sample.items() if k not in ("correct", "formatted")})
+            kept.append(without_labels(sample))
     return kept
 
 

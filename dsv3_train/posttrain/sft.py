@@ -9,7 +9,6 @@ bias updates of auxiliary-loss-free balancing.
 """
 from __future__ import annotations
 
-import random
 import time
 from typing import Callable, Optional, Sequence
 
@@ -20,7 +19,7 @@ from dsv3_train import schedule
 from dsv3_train.model import Transformer
 from dsv3_train.model.transformer import IGNORE_INDEX
 from dsv3_train.posttrain.config import SFTConfig
-from dsv3_train.posttrain.data import Example, TokenBatch, packed_batch, padded_batch
+from dsv3_train.posttrain.data import Example, ShuffledEpochs, TokenBatch, packed_batch, padded_batch
 from dsv3_train.posttrain.modeling import expert_load_imbalance, forward_logits, packed_forward
 from dsv3_train.posttrain.replicas import SingleProcess
 from dsv3_train.trainer import build_optimizer
@@ -74,15 +73,10 @@ def train_sft(model: Transformer, examples: Sequence[Example], cfg: SFTConfig, p
     (evaluations after steps 0, eval_every, ... and after the last)."""
     train_cfg = cfg.optim.train_config(cfg.steps)
     optimizer = build_optimizer(model, train_cfg)
-    rng = random.Random(f"sft-{cfg.seed}")
-    order: list[int] = []
+    epochs = ShuffledEpochs(len(examples), f"sft-{cfg.seed}")
     history, start = [], time.process_time()
     for step in range(cfg.steps):
-        while len(order) < cfg.batch_size:  # a fresh shuffled epoch whenever the current one runs out
-            epoch = list(range(len(examples)))
-            rng.shuffle(epoch)
-            order += epoch
-        batch, order = [examples[i] for i in order[:cfg.batch_size]], order[cfg.batch_size:]
+        batch = [examples[i] for i in epochs.take(cfg.batch_size)]
         for group in optimizer.param_groups:
             group["lr"] = schedule.learning_rate(train_cfg, step)
         metrics = sft_step(model, optimizer, batch, cfg, pad_id, runtime)

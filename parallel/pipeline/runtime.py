@@ -40,6 +40,7 @@ from torch.distributed.tensor import DTensor
 
 from dsv3_train.precision import defer_weight_grad
 from parallel import zero
+from parallel.distributed import mean_over
 from parallel.expert import apply_expert_parallel
 
 from .ir import (ACTIVATION, BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Compute, Overlapped, Recv,
@@ -202,13 +203,17 @@ class PipelineRuntime:
             step.outbox[produced(c, self.schedule.n_stages)] = forward.input.grad
 
     # ----------------------------------------------------------------------- after the program
+    def _copies(self):
+        """(CopySync, parameters by canonical name), or (None, None) where no parameter has copies."""
+        sync = self.stages.copy_sync()
+        return (None, None) if sync is None else (sync, self.stages.canonical_parameters())
+
     @torch.no_grad()
     def _check_copies_equal(self) -> None:
         """Copies must start equal: the model has to be built identically on every rank."""
-        sync = self.stages.copy_sync()
+        sync, params = self._copies()
         if sync is None:
             return
-        params = self.stages.canonical_parameters()
         flat = torch.cat([_local(params[name]).reshape(-1) for name in sync.names])
         if not torch.equal(flat, self.p2p.exchange(sync.peer, flat)):
             raise ValueError(f"parameters with copies on pp rank {sync.peer} differ from them: build "
@@ -217,10 +222,9 @@ class PipelineRuntime:
     @torch.no_grad()
     def _sum_copies(self) -> None:
         """Gradients (and DualPipe's router loads) summed with the copies on the peer rank."""
-        sync = self.stages.copy_sync()
+        sync, params = self._copies()
         if sync is None:
             return
-        params = self.stages.canonical_parameters()
         tensors = [self._grad(params[name], name) for name in sync.names]
         if self.stages.plan.schedule == "dualpipe":
             tensors += [router.expert_load for _, router in self.stages.routers_in_order()]
@@ -255,9 +259,6 @@ class PipelineRuntime:
         """The trainer hook: replaces its micro-batch loop (``model`` is ``self.stages``)."""
         return self.step(batch, mtp_weight, eos_id)
 
-    def grad_sync(self, model: nn.Module, enabled: bool) -> None:
-        """Nothing to switch: ``step`` reduces once per step by itself."""
-
     @torch.no_grad()
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """Clip by the global norm over all stages, each logical parameter counted once."""
@@ -278,14 +279,7 @@ class PipelineRuntime:
 
     def mean(self, values: list[float]) -> list[float]:
         """Average per-rank scalars over the data-parallel ranks (already summed over stages)."""
-        if self.dp_size == 1:
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor, group=self.dp_group)
-        return (tensor / self.dp_size).tolist()
-
-    def barrier(self) -> None:
-        dist.barrier()
+        return values if self.dp_size == 1 else mean_over(self.dp_group, values)
 
     def reshard(self, model: nn.Module) -> None:
         for root in self.zero_roots:

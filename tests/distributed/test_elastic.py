@@ -17,23 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.test_launch_sweep import TINY_MODEL, corpus  # noqa: F401 (corpus: the fixture)
+
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(600)
 
-TINY = ["model.vocab_size=300", "model.dim=32", "model.n_heads=2", "model.inter_dim=64", "model.moe_inter_dim=16",
-        "model.q_lora_rank=null", "model.kv_lora_rank=8", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4",
-        "model.v_head_dim=8", "model.max_seq_len=64", "model.init_std=0.05", "train.seq_len=32",
-        "train.micro_batch_size=2", "train.grad_accum=2", "train.steps=6", "train.warmup_steps=2",
-        "train.eval_every=3", "train.eval_batches=1", "logger.progress=false", "checkpoint.every=2",
-        "checkpoint.keep_last=3", "parallel.ep=2"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from tests.distributed.test_train_parallel import _corpus
-
-    root = _corpus(tmp_path_factory.mktemp("corpus"))
-    return root, tmp_path_factory.mktemp("cache")
+TINY = [*TINY_MODEL, "model.init_std=0.05", "train.grad_accum=2", "train.steps=6", "train.warmup_steps=2",
+        "train.eval_every=3", "checkpoint.every=2", "checkpoint.keep_last=3", "parallel.ep=2"]
 
 
 def _overrides(corpus, run_dir: Path) -> list[str]:

@@ -8,7 +8,6 @@ token, so dp rank 0 dispatches very differently from the others.
 """
 import contextlib
 import functools
-import io
 
 import pytest
 import torch
@@ -169,12 +168,7 @@ def _train(mesh: ParallelMesh, rank: int, stage: int) -> dict:
 
 def _zero_worker(rank, world, dp, ep, stages):
     mesh = ParallelDims(dp=dp, ep=ep).build_mesh("cpu")
-    results = {stage: _train(mesh, rank, stage) for stage in stages}
-    # As bytes: a tensor put on the result queue is shared through a file descriptor that dies
-    # with this process, which may exit before the parent reads it.
-    buffer = io.BytesIO()
-    torch.save(results, buffer)
-    return buffer.getvalue()
+    return {stage: _train(mesh, rank, stage) for stage in stages}
 
 
 EXTRA_STAGES = {(2, 1): (1,), (4, 2): (3,)}  # stage 1 (run as 2) and stage 3 ride along one layout each
@@ -183,8 +177,7 @@ EXTRA_STAGES = {(2, 1): (1,), (4, 2): (3,)}  # stage 1 (run as 2) and stage 3 ri
 @functools.lru_cache(maxsize=None)
 def _distributed_run(dp: int, ep: int) -> list[dict]:
     """Per rank: {stage: results}; one spawn per layout, shared by the tests below."""
-    results = run_ranks(_zero_worker, dp, dp, ep, (2, *EXTRA_STAGES.get((dp, ep), ())), timeout=150)
-    return [torch.load(io.BytesIO(data)) for data in results]
+    return run_ranks(_zero_worker, dp, dp, ep, (2, *EXTRA_STAGES.get((dp, ep), ())), timeout=150)
 
 
 # ---------------------------------------------------------------------------- the specification

@@ -19,11 +19,12 @@ pytestmark = pytest.mark.timeout(300)
 
 # ++ adds the callback now and still works once configs/config.yaml registers it itself
 CALLBACK = "++hydra.callbacks.launch._target_=launch.sweep.LaunchCallback"
-TINY = ["data=folder", "data.max_bytes=0", "model.vocab_size=300", "model.dim=32", "model.n_heads=2",
-        "model.inter_dim=64", "model.moe_inter_dim=16", "model.q_lora_rank=null", "model.kv_lora_rank=8",
-        "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=8", "model.max_seq_len=64",
-        "train.seq_len=32", "train.micro_batch_size=2", "train.steps=2", "train.eval_every=2",
-        "train.eval_batches=1", "logger.progress=false"]
+TINY_MODEL = ["model.vocab_size=300", "model.dim=32", "model.n_heads=2", "model.inter_dim=64",
+              "model.moe_inter_dim=16", "model.q_lora_rank=null", "model.kv_lora_rank=8", "model.qk_nope_head_dim=8",
+              "model.qk_rope_head_dim=4", "model.v_head_dim=8", "model.max_seq_len=64", "train.seq_len=32",
+              "train.micro_batch_size=2", "train.eval_batches=1", "logger.progress=false"]
+"""A tiny model and its batches, shared with tests/distributed/test_elastic.py."""
+TINY = ["data=folder", "data.max_bytes=0", *TINY_MODEL, "train.steps=2", "train.eval_every=2"]
 
 
 @pytest.fixture(scope="module")
