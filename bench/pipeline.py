@@ -63,7 +63,7 @@ from parallel.pipeline import Compute, CostModel, Overlapped, TensorKey, build, 
 from parallel.pipeline.overlap import Tape, run_forward, run_in_sequence, stage_program  # noqa: E402
 from parallel.pipeline.runtime import PipelineRuntime, build_pipeline  # noqa: E402
 from parallel.pipeline.stage import split_model  # noqa: E402
-from parallel.pipeline.transport import EmulatedLink, install_exchange  # noqa: E402
+from parallel.pipeline.transport import EmulatedLink  # noqa: E402
 from parallel.testing import run_ranks  # noqa: E402
 
 CFG = ModelConfig(vocab_size=1024, dim=128, n_layers=8, n_dense_layers=0, n_heads=4, inter_dim=256,
@@ -376,7 +376,7 @@ def _overlap_runs(mesh, link: EmulatedLink, names: tuple[str, ...], microbatches
             stages, runtime = build_pipeline(Transformer(CFG), mesh, name, microbatches,
                                              zero_stage=2, overlap=overlap)
             runtime.profile = True
-            install_exchange(stages, link.exchange)
+            runtime.set_exchange(link.exchange)
             runs[(name, overlap)] = (lambda rt=runtime: rt.step(batch, MTP_WEIGHT)), stages, runtime
     return runs
 
@@ -414,16 +414,20 @@ def _overlap_worker(rank: int, world: int, warmup: int, iters: int, microbatches
     per_exchange = busy / exchanges
     nbytes = CFG.dim * 4 * MICRO_BATCH * SEQ_LEN * CFG.n_activated_experts  # rows of one micro-batch
     link.latency_s, link.bandwidth = per_exchange / 2, nbytes / (per_exchange / 2)
-    results = {key: {"step": [], "exposed": [], "emulated": [], "exposed_in_pairs": []} for key in runs}
+    fields = ("step", "exposed", "emulated", "exposed_in_pairs", "peer", "filled")
+    results = {key: {field: [] for field in fields} for key in runs}
     for iteration in range(warmup + iters):
         for key, (run, model, runtime) in runs.items():
             link.stats.reset()
+            if runtime.filler is not None:
+                runtime.filler.reset()
             seconds = _timed(run, model)
             in_pairs = _in_pairs(link.stats.waits, runtime.timeline)
-            exposed, emulated, in_pairs = _mean_over_ranks([link.stats.exposed_s, link.stats.emulated_s, in_pairs])
+            filled = runtime.filler.filled_s if runtime.filler is not None else 0.0
+            values = _mean_over_ranks([link.stats.exposed_s, link.stats.emulated_s, in_pairs,
+                                       link.stats.peer_s, filled])
             if iteration >= warmup:
-                for field, value in (("step", seconds), ("exposed", exposed), ("emulated", emulated),
-                                     ("exposed_in_pairs", in_pairs)):
+                for field, value in zip(fields, [seconds, *values]):
                     results[key][field].append(value)
     out = {key: {field: statistics.median(values) for field, values in fields.items()}
            for key, fields in results.items()}
@@ -446,14 +450,17 @@ def part_overlap(warmup: int, iters: int, microbatches: int) -> None:
           f"{cal['compute_s'] * 1e3:.0f} ms of compute (with an instant link, waiting for gloo's own "
           f"all-to-all took {cal['real_exposed_s'] * 1e3:.0f} ms of it).\n")
     print("| schedule | overlap | step ms | all-to-all ms (emulated) | exposed ms | exposed | hidden "
-          "| chunks in F&B pairs | exposed inside pairs |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| of exposed: peer late | exposed, link only | chunks in F&B pairs | exposed inside pairs "
+          "| W run in waits |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     runs = result["runs"]
     for (name, overlap), row in runs.items():
         share = row["exposed"] / row["emulated"]
+        link_only = (row["exposed"] - row["peer"]) / row["emulated"]
         print(f"| {name} | {'on' if overlap else 'off'} | {row['step'] * 1e3:.0f} | "
               f"{row['emulated'] * 1e3:.0f} | {row['exposed'] * 1e3:.0f} | {share:.0%} | {1 - share:.0%} "
-              f"| {row['paired_share']:.0%} | {row['exposed_in_pairs'] * 1e3:.0f} ms |")
+              f"| {row['peer'] * 1e3:.0f} ms | {link_only:.0%} | {row['paired_share']:.0%} "
+              f"| {row['exposed_in_pairs'] * 1e3:.0f} ms | {row['filled'] * 1e3:.0f} ms |")
     for name in sorted({name for name, _ in runs}):
         on, off = runs[(name, True)], runs[(name, False)]
         print(f"\n{name}: exposed all-to-all on/off {on['exposed'] / off['exposed']:.2f}, "

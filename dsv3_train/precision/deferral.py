@@ -39,6 +39,14 @@ class DeferredWeightGrads:
             for compute in pending:
                 compute()
 
+    def compute_one(self) -> bool:
+        """Run the first queued GEMM (one linear, or one grouped-experts layer); False if none."""
+        if not self._pending:
+            return False
+        with torch.no_grad():
+            self._pending.pop(0)()
+        return True
+
 
 class DefersWeightGrad:
     """Mixin of every factory module: while ``weight_grad_sink`` is set, backward queues the

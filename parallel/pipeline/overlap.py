@@ -26,15 +26,24 @@ backward phase of micro-batch B: every all-to-all is in flight while the other m
 computes. Without overlap the tape does not cut (one segment, one autograd call) and the pair
 runs forward then backward. Cutting changes only where autograd accumulates, not what it
 computes: tests hold overlap on == off to fp32 rounding.
+
+A backward phase is longer than a forward phase, so an exchange a backward phase launches can
+outlast the forward phase that should hide it. ``WaitFiller`` closes that gap as DeepSeek-V3 does
+by splitting backward into input- and weight-gradient parts: with overlap on, every backward
+queues its weight-gradient GEMMs (``defer_weight_grad``), and every exchange's ``wait`` first runs
+queued GEMMs while the exchange is still in flight, and only then blocks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+import time
+from typing import Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from dsv3_train.model.moe import MoE
+from dsv3_train.precision import DeferredWeightGrads
 from dsv3_train.model.transformer import _cross_entropy, shifted_targets
 
 from .stage import PipelineStage
@@ -115,6 +124,70 @@ def run_forward(program: Iterator[None], carry: dict, tape: Tape, autocast) -> I
                 return
         tape.boundary(carry)
         yield
+
+
+class WaitFiller:
+    """Runs queued weight-gradient GEMMs while an expert all-to-all is in flight.
+
+    The runtime registers each backward's ``DeferredWeightGrads`` queue (``add``) and empties it
+    where the schedule says (the end of a ``B``, the chunk's ``W``; then ``remove``). An exchange
+    launched through ``wrap(exchange)`` returns work whose ``wait`` first runs queued GEMMs, oldest
+    queue first, one at a time while the exchange is not complete. Only *when* a weight gradient is
+    computed changes: the same GEMM on the same operands, accumulated into the same ``.grad``.
+    """
+
+    def __init__(self) -> None:
+        self.queues: list[DeferredWeightGrads] = []
+        self.filled = 0
+        """GEMM groups run inside waits (since the last ``reset``)."""
+        self.filled_s = 0.0
+        """Seconds they took."""
+
+    def reset(self) -> None:
+        self.filled, self.filled_s = 0, 0.0
+
+    def add(self, queue: DeferredWeightGrads) -> None:
+        self.queues.append(queue)
+
+    def remove(self, queue: DeferredWeightGrads) -> None:
+        self.queues = [q for q in self.queues if q is not queue]
+
+    def fill(self, done: Callable[[], bool]) -> None:
+        """Run queued GEMMs until ``done()`` or nothing is queued."""
+        while not done():
+            queue = next((q for q in self.queues if len(q)), None)  # a registered queue may
+            if queue is None:                                        # still be filling up
+                return
+            start = time.perf_counter()
+            queue.compute_one()
+            self.filled += 1
+            self.filled_s += time.perf_counter() - start
+
+    def wrap(self, exchange=None):
+        """``exchange`` (all_to_all_single's signature; None: dist.all_to_all_single) whose
+        returned work fills its wait."""
+        inner = exchange or dist.all_to_all_single
+
+        def filling(out, inp, out_splits=None, in_splits=None, group=None, async_op=False):
+            work = _FillingWork(inner(out, inp, out_splits, in_splits, group=group, async_op=True), self)
+            if async_op:
+                return work
+            work.wait()
+            return None
+
+        return filling
+
+
+class _FillingWork:
+    def __init__(self, work, filler: WaitFiller):
+        self.work, self.filler = work, filler
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
+
+    def wait(self) -> bool:
+        self.filler.fill(self.work.is_completed)
+        return self.work.wait()
 
 
 def interleave(forward: Iterator[None], backward: Iterator[None]) -> None:

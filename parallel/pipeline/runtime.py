@@ -45,7 +45,8 @@ from parallel.expert import apply_expert_parallel
 
 from .ir import (ACTIVATION, BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Compute, Overlapped, Recv,
                  Schedule, Send, TensorKey, consumed, produced)
-from .overlap import BALANCE, MAIN, MTP, Tape, interleave, run_forward, run_in_sequence, stage_program
+from .overlap import (BALANCE, MAIN, MTP, Tape, WaitFiller, interleave, run_forward, run_in_sequence,
+                      stage_program)
 from .schedules import build
 from .stage import RankStages, split_model
 from .transport import PointToPoint, default_exchange, install_exchange
@@ -103,10 +104,9 @@ class PipelineRuntime:
                              f"apply_zero on each of stages.zero_roots() first")
         param = next(stages.parameters())
         self.device, self.dtype = param.device, param.dtype
-        if exchange == "auto":
-            exchange = default_exchange(self.device)
-        if exchange is not None:
-            install_exchange(stages, exchange)
+        self.filler = WaitFiller() if overlap else None
+        """With overlap on: runs queued weight-gradient GEMMs inside all-to-all waits."""
+        self.set_exchange(default_exchange(self.device) if exchange == "auto" else exchange)
         self._check_copies_equal()
         self.profile = profile
         self.timeline: list[tuple[str, float, float]] = []
@@ -114,6 +114,12 @@ class PipelineRuntime:
         self.is_main = dist.get_rank() == 0
         self.reduce_load = zero.reduce_expert_load(mesh) if mesh is not None and self.dp_size > 1 else None
         self.checkpoint_layout = None
+
+    def set_exchange(self, exchange) -> None:
+        """Route the dispatchers' row exchanges through ``exchange`` (all_to_all_single's
+        signature, e.g. ``EmulatedLink.exchange``; None: plain async collectives), with waits
+        filled by weight-gradient GEMMs when overlapping."""
+        install_exchange(self.stages, self.filler.wrap(exchange) if self.filler else exchange)
 
     # ------------------------------------------------------------------------------ the step
     def step(self, batch: torch.Tensor, mtp_weight: float, eos_id: Optional[int] = None) -> dict:
@@ -158,7 +164,10 @@ class PipelineRuntime:
         elif action.kind in (BACKWARD, INPUT_GRAD):
             run_in_sequence(self._backward(action, step))
         elif action.kind == WEIGHT_GRAD:
-            step.deferred.pop(_chunk_key(action)).compute()
+            pending = step.deferred.pop(_chunk_key(action))
+            pending.compute()
+            if self.filler is not None:
+                self.filler.remove(pending)
         else:
             raise ValueError(f"unknown action {action}")
 
@@ -194,11 +203,18 @@ class PipelineRuntime:
         chunk = self.stages.chunk(c.direction, c.stage)
         forward = step.forwards.pop(_chunk_key(c))
         grad = None if chunk.is_last else self._take(step, consumed(c, self.schedule.n_stages))
-        deferring = defer_weight_grad(chunk) if c.kind == INPUT_GRAD else contextlib.nullcontext()
-        with deferring as pending:
+        # I defers the weight gradients to the chunk's W; with overlap on a B defers them too, to
+        # its own end, so that the filler can run them inside the waits on the way.
+        defer = c.kind == INPUT_GRAD or self.filler is not None
+        with (defer_weight_grad(chunk) if defer else contextlib.nullcontext()) as pending:
+            if self.filler is not None:
+                self.filler.add(pending)
             yield from forward.tape.backward_steps(grad, 1.0 / self.schedule.microbatches)
         if c.kind == INPUT_GRAD:
             step.deferred[_chunk_key(c)] = pending
+        elif defer:
+            pending.compute()
+            self.filler.remove(pending)
         if not chunk.is_first:
             step.outbox[produced(c, self.schedule.n_stages)] = forward.input.grad
 

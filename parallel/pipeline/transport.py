@@ -88,25 +88,32 @@ class LinkStats:
     """Sum of latency + bytes / bandwidth over the exchanges."""
     exposed_s: float = 0.0
     """Time callers spent blocked in ``wait`` (the real transfer included)."""
+    peer_s: float = 0.0
+    """The part of ``exposed_s`` after the emulated duration had passed: the real exchange was not
+    done yet, i.e. waiting for a peer that launched its side late (or for gloo's thread)."""
     waits: list[tuple[float, float]] = field(default_factory=list)
     """(start, end) of every blocked wait, in ``time.perf_counter`` seconds."""
 
     def reset(self) -> None:
-        self.exchanges, self.emulated_s, self.exposed_s, self.waits = 0, 0.0, 0.0, []
+        self.exchanges, self.emulated_s, self.exposed_s, self.peer_s, self.waits = 0, 0.0, 0.0, 0.0, []
 
 
 class _TimedWork:
     def __init__(self, work, ready_at: float, stats: LinkStats):
         self.work, self.ready_at, self.stats = work, ready_at, stats
 
+    def is_completed(self) -> bool:
+        return time.perf_counter() >= self.ready_at and self.work.is_completed()
+
     def wait(self) -> bool:
         start = time.perf_counter()
         self.work.wait()
-        remaining = self.ready_at - time.perf_counter()
-        if remaining > 0:
-            time.sleep(remaining)
+        done = time.perf_counter()
+        if done < self.ready_at:
+            time.sleep(self.ready_at - done)
         end = time.perf_counter()
         self.stats.exposed_s += end - start
+        self.stats.peer_s += max(0.0, done - max(start, self.ready_at))
         self.stats.waits.append((start, end))
         return True
 
@@ -141,6 +148,9 @@ class EmulatedLink:
 class _StreamWork:
     def __init__(self, work, stream):
         self.work, self.stream = work, stream
+
+    def is_completed(self) -> bool:
+        return self.work.is_completed()
 
     def wait(self) -> bool:
         self.work.wait()

@@ -3,7 +3,9 @@
 Specifications: the phase split computes what ``Block.forward`` and one ``backward`` compute
 (to fp32 rounding); the overlapped pair computes bit-for-bit what forward-then-backward does;
 in the pair every all-to-all is in flight while the other micro-batch computes; the emulated
-link's wait returns at launch + latency + bytes / bandwidth, and compute in between hides it.
+link's wait returns at launch + latency + bytes / bandwidth, and compute in between hides it;
+the wait filler runs queued weight-gradient GEMMs only while an exchange is in flight, oldest
+queue first, and changes no bit of the gradients.
 """
 import contextlib
 import io
@@ -17,7 +19,9 @@ from dsv3_train.config import ModelConfig
 from dsv3_train.model.rope import rope_tables
 from dsv3_train.model.transformer import Block
 from parallel.expert import apply_expert_parallel
-from parallel.pipeline.overlap import Tape, block_program, interleave, run_forward, run_in_sequence
+from dsv3_train.precision import DeferredWeightGrads, defer_weight_grad
+from parallel.pipeline.overlap import (Tape, WaitFiller, block_program, interleave, run_forward,
+                                       run_in_sequence)
 from parallel.pipeline.transport import EmulatedLink, install_exchange
 from parallel.testing import run_ranks
 
@@ -143,6 +147,40 @@ def _pair_worker(rank, world):
     return _serialise(results)
 
 
+def _filler_worker(rank, world):
+    """The pair with B's weight gradients deferred and filled into the waits of a slow link,
+    against the same pair with no deferral and an instant link."""
+    blocks, inputs, grads, cos, sin = _blocks(rank)
+    results = {}
+    for mode in ("plain", "filled"):
+        link = EmulatedLink(latency_s=0.05 if mode == "filled" else 0.0)
+        filler = WaitFiller()
+        install_exchange(blocks, filler.wrap(link.exchange) if mode == "filled" else link.exchange)
+        blocks.zero_grad(set_to_none=True)
+        steps_b, carry_b, tape_b, x_b = _forward(blocks, inputs[1], True, cos, sin)
+        run_in_sequence(steps_b)
+        _finish(carry_b, tape_b)
+        steps_a, carry_a, tape_a, x_a = _forward(blocks, inputs[0], True, cos, sin)
+        deferring = defer_weight_grad(blocks) if mode == "filled" else contextlib.nullcontext()
+
+        def backward_b():
+            with deferring as pending:
+                if pending is not None:
+                    filler.add(pending)
+                yield from tape_b.backward_steps(grads[1], 1.0)
+            results[f"left_{mode}"] = len(pending) if pending is not None else 0
+            if pending is not None:
+                pending.compute()
+                filler.remove(pending)
+
+        interleave(steps_a, backward_b())
+        run_in_sequence(_finish(carry_a, tape_a).backward_steps(grads[0], 1.0))
+        results[mode] = {**_grads(blocks, x_a), "input_b": x_b.grad.clone()}
+        results[f"filled_{mode}"] = filler.filled
+        results[f"exposed_{mode}"] = (link.stats.exposed_s, link.stats.emulated_s)
+    return results
+
+
 def _link_worker(rank, world):
     link = EmulatedLink(latency_s=0.2, bandwidth_bytes_per_s=1e9)
     rows = torch.ones(4, 8)
@@ -209,6 +247,56 @@ def test_emulated_link_waits_for_latency_and_compute_hides_it():
         assert blocked_s >= 0.2 and exposed_s >= 0.19
         total_s, exposed_s, _ = timings[0.3]
         assert total_s >= 0.3 and exposed_s < 0.05
+
+
+def test_wait_filler_runs_weight_gradients_inside_waits_without_changing_a_bit():
+    for result in run_ranks(_filler_worker, 2, timeout=120):
+        assert result["filled_plain"] == 0
+        assert result["filled_filled"] > 0  # GEMM groups ran while an exchange was in flight
+        for name, grad in result["plain"].items():
+            assert torch.equal(result["filled"][name], grad), name
+        exposed_s, emulated_s = result["exposed_filled"]
+        assert exposed_s < emulated_s  # the forward phases and the GEMMs hid part of the link
+
+
+class _FakeWork:
+    def __init__(self, polls_until_done: int, log: list):
+        self.left, self.log = polls_until_done, log
+
+    def is_completed(self) -> bool:
+        self.left -= 1
+        return self.left < 0
+
+    def wait(self) -> bool:
+        self.log.append("wait")
+        return True
+
+
+def test_wait_filler_fills_only_while_the_exchange_is_in_flight_oldest_queue_first():
+    log: list = []
+    filler = WaitFiller()
+    empty_now, old, new = DeferredWeightGrads(), DeferredWeightGrads(), DeferredWeightGrads()
+    for queue in (empty_now, old, new):
+        filler.add(queue)
+    for i in range(2):
+        old.add(lambda i=i: log.append(f"old {i}"))
+        new.add(lambda i=i: log.append(f"new {i}"))
+    exchange = filler.wrap(lambda *args, **kwargs: _FakeWork(3, log))
+    exchange(None, None, async_op=True).wait()  # in flight for 3 polls: 3 GEMMs, then block
+    assert log == ["old 0", "old 1", "new 0", "wait"]
+    assert filler.filled == 3
+    empty_now.add(lambda: log.append("late"))  # a registered queue that was empty stays registered
+    log.clear()
+    exchange(None, None, async_op=True).wait()
+    assert log == ["late", "new 1", "wait"]
+    filler.remove(new)
+    new.add(lambda: log.append("removed"))
+    log.clear()
+    exchange(None, None, async_op=True).wait()
+    assert log == ["wait"]
+    log.clear()
+    assert filler.wrap(lambda *args, **kwargs: _FakeWork(0, log))(None, None) is None  # blocking form
+    assert log == ["wait"]
 
 
 def _comm_stream_worker(rank, world):
