@@ -85,10 +85,15 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     model_state, optim_state = get_state_dict(model, optimizer)
     if layout is not None:
         layout.to_global(model_state, optim_state, gather=False)  # templates of the global shapes
+    # DCP keeps one rank's copy of a non-tensor value such as a param group's list of names; under
+    # pipeline parallelism ranks hold different parameters, so each keeps its own list.
+    own_names = [list(group["params"]) for group in optim_state.get("param_groups", [])]
     state = {"model": model_state, "optim": optim_state, "rng": torch.get_rng_state()}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path), process_group=process_group, no_dist=not _distributed())
+    for group, names in zip(state["optim"].get("param_groups", []), own_names):
+        group["params"] = names
     if layout is not None:
         layout.to_local(state["model"], state["optim"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

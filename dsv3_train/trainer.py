@@ -67,6 +67,11 @@ class LocalRuntime:
     def mean(self, values: list[float]) -> list[float]:
         return values
 
+    def all_loads(self, loads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every MoE layer's expert loads by its name in the Transformer (a pipeline rank holds
+        only its own stages')."""
+        return loads
+
     def reshard(self, model: torch.nn.Module) -> None:
         pass
 
@@ -172,7 +177,8 @@ class Trainer:
         grad_norm = rt.clip_grad_norm(self.model, max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loads = update_expert_biases(self.model, schedule.bias_update_speed(tc, step), rt.reduce_load)
+        loads = rt.all_loads(update_expert_biases(self.model, schedule.bias_update_speed(tc, step),
+                                                  rt.reduce_load))
         sums = dict(zip(sums, rt.mean(list(sums.values()))))
         self.step += 1
         elapsed = time.perf_counter() - start

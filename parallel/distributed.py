@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -106,15 +106,16 @@ class ExpertCheckpointLayout:
     chunks, which DCP deduplicates. ``to_local`` turns a loaded block back into this rank's shard.
     """
 
-    def __init__(self, model: nn.Module, mesh: ParallelMesh):
+    def __init__(self, model: nn.Module, mesh: ParallelMesh, rename: Callable[[str], str] = str):
+        """``rename``: a parameter's name in ``model`` -> its key in the state dicts handed in."""
         self.ep_mesh = mesh.expert_mesh["ep"]
         # a list in module order: every rank must issue the gathers below in the same order
-        self.expert_names = [f"{name}.{pname}" for name, module in model.named_modules()
+        self.expert_names = [rename(f"{name}.{pname}") for name, module in model.named_modules()
                              if isinstance(module, GroupedExperts) for pname, _ in module.named_parameters()]
         self.specs = {}  # fqn -> (mesh, placements) of the ZeRO shard
         for name, param in model.named_parameters():
-            if name in self.expert_names and isinstance(param, DTensor):
-                self.specs[name] = (param.device_mesh, param.placements)
+            if rename(name) in self.expert_names and isinstance(param, DTensor):
+                self.specs[rename(name)] = (param.device_mesh, param.placements)
 
     def _tensors(self, model_state: dict, optim_state: dict):
         """(container, key, fqn) for every expert tensor in the two state dicts. The optimizer's

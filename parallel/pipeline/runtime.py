@@ -29,6 +29,7 @@ The runtime is also the trainer's runtime object (``forward_backward``, ``clip_g
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -40,7 +41,7 @@ from torch.distributed.tensor import DTensor
 
 from dsv3_train.precision import defer_weight_grad
 from parallel import zero
-from parallel.distributed import mean_over
+from parallel.distributed import ExpertCheckpointLayout, mean_over
 from parallel.expert import apply_expert_parallel
 
 from .ir import (ACTIVATION, BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Compute, Overlapped, Recv,
@@ -48,7 +49,7 @@ from .ir import (ACTIVATION, BACKWARD, FORWARD, INPUT_GRAD, WEIGHT_GRAD, Compute
 from .overlap import (BALANCE, MAIN, MTP, Tape, WaitFiller, interleave, run_forward, run_in_sequence,
                       stage_program)
 from .schedules import build
-from .stage import RankStages, split_model
+from .stage import RankStages, canonical_name, split_model
 from .transport import PointToPoint, default_exchange, install_exchange
 
 
@@ -297,6 +298,14 @@ class PipelineRuntime:
         """Average per-rank scalars over the data-parallel ranks (already summed over stages)."""
         return values if self.dp_size == 1 else mean_over(self.dp_group, values)
 
+    def all_loads(self, loads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The expert loads of every stage's routers, by their names in the Transformer."""
+        gathered = [None] * dist.get_world_size(self.pp_group)
+        dist.all_gather_object(gathered, {canonical_name(name): load.cpu() for name, load in loads.items()},
+                               group=self.pp_group)
+        merged = {name: load for part in gathered for name, load in part.items()}
+        return dict(sorted(merged.items(), key=lambda item: _layer_order(item[0])))
+
     def reshard(self, model: nn.Module) -> None:
         for root in self.zero_roots:
             zero.reshard(root)
@@ -334,6 +343,46 @@ class PipelineRuntime:
         return main.item()
 
 
+def _layer_order(name: str) -> tuple:
+    """layers.<i>... in numeric order, then mtp.<k>..."""
+    parts = name.split(".")
+    return (parts[0] != "layers", int(parts[1]) if parts[1].isdigit() else 0, name)
+
+
+class PipelineCheckpointLayout:
+    """Checkpoint state of a rank's stages <-> the unsplit Transformer's checkpoint.
+
+    Keys become the Transformer's names (``stage.canonical_name``) in the model state and the
+    optimizer's per-parameter state and param groups, and expert weights with their Adam moments
+    become global (E, ...) tensors (``ExpertCheckpointLayout``). A pipeline checkpoint is then the
+    checkpoint one process or any (pp, dp, ep) layout writes: DCP keeps one copy of what several
+    ranks hold (DualPipe's mirrored stages, 1F1B's embedding copy, edp replicas) and gives each
+    rank the keys it asks for.
+    """
+
+    def __init__(self, stages: RankStages, mesh):
+        self.local = {canonical_name(name): name
+                      for name in itertools.chain(stages.state_dict().keys(),
+                                                  (n for n, _ in stages.named_parameters()))}
+        self.experts = ExpertCheckpointLayout(stages, mesh, rename=canonical_name)
+
+    @staticmethod
+    def _rename(model_state: dict, optim_state: dict, rename: Callable[[str], str]) -> None:
+        for container in (model_state, optim_state.get("state", {})):
+            for key in list(container):
+                container[rename(key)] = container.pop(key)
+        for group in optim_state.get("param_groups", []):
+            group["params"] = [rename(name) for name in group["params"]]
+
+    def to_global(self, model_state: dict, optim_state: dict, gather: bool = True) -> None:
+        self._rename(model_state, optim_state, canonical_name)
+        self.experts.to_global(model_state, optim_state, gather)
+
+    def to_local(self, model_state: dict, optim_state: dict) -> None:
+        self.experts.to_local(model_state, optim_state)
+        self._rename(model_state, optim_state, lambda name: self.local.get(name, name))
+
+
 def build_pipeline(model: nn.Module, mesh, schedule_name: str, microbatches: int, *,
                    zero_stage: Optional[int] = 1, overlap: bool = True,
                    autocast: Callable = contextlib.nullcontext) -> tuple[RankStages, PipelineRuntime]:
@@ -350,4 +399,5 @@ def build_pipeline(model: nn.Module, mesh, schedule_name: str, microbatches: int
             zero.apply_zero(root, mesh, stage=zero_stage)
     runtime = PipelineRuntime(stages, schedule, mesh.group("pp"), dp_group=mesh.group("dp"),
                               overlap=overlap, autocast=autocast, mesh=mesh)
+    runtime.checkpoint_layout = PipelineCheckpointLayout(stages, mesh)
     return stages, runtime

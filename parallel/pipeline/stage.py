@@ -150,12 +150,7 @@ class RankStages(nn.Module):
 
     def canonical_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters by their name in the unsplit Transformer."""
-        out = {}
-        for name, param in self.named_parameters():
-            if name.startswith("stages."):
-                name = name.split(".", 2)[2]
-            out[name] = param
-        return out
+        return {canonical_name(name): param for name, param in self.named_parameters()}
 
     def stage_of(self, name: str) -> int:
         """The stage a canonical parameter name belongs to."""
@@ -189,8 +184,14 @@ class RankStages(nn.Module):
         named = {}
         for name, module in self.named_modules():
             if isinstance(module, Router):
-                named[name.split(".", 2)[2] if name.startswith("stages.") else name] = module
+                named[canonical_name(name)] = module
         return iter(sorted(named.items()))
+
+
+def canonical_name(name: str) -> str:
+    """A name in ``RankStages`` ("stages.stage1.layers.2.attn.wq.weight") -> its name in the
+    unsplit Transformer ("layers.2.attn.wq.weight")."""
+    return name.split(".", 2)[2] if name.startswith("stages.") else name
 
 
 def split_model(model: Transformer, schedule: str, pp: int, pp_rank: int) -> RankStages:

@@ -55,3 +55,31 @@ def test_resume_from_an_incomplete_directory_names_the_fix(tmp_path):
     model, optimizer = _model_and_optimizer()
     with pytest.raises(FileNotFoundError, match="point it at a step_"):
         ckpt.load_checkpoint(tmp_path, model, optimizer)
+
+
+def _ranks_holding_different_parameters(rank, world, root):
+    """Like pipeline stages: rank 0 holds a0.*, rank 1 b0.* and b1.*; two param groups with their own
+    weight decay. Save, then load into fresh optimizers: each keeps its own names and settings."""
+    torch.manual_seed(rank)
+    model = torch.nn.ModuleDict({f"{'ab'[rank]}{i}": torch.nn.Linear(4, 4) for i in range(1 + rank)})
+
+    def build():
+        return torch.optim.AdamW([{"params": [m.weight for m in model.values()], "weight_decay": 0.1},
+                                  {"params": [m.bias for m in model.values()], "weight_decay": 0.0}],
+                                 lr=3e-3)
+
+    optimizer = build()
+    sum(m(torch.randn(2, 4)).sum() for m in model.values()).backward()
+    optimizer.step()
+    ckpt.save_checkpoint(root, 1, model, optimizer, {"step": 1})
+    fresh = build()
+    ckpt.load_checkpoint(root / "step_00000001", model, fresh)
+    return [{k: v for k, v in group.items() if k != "params"} for group in fresh.param_groups]
+
+
+def test_ranks_holding_different_parameters_keep_their_param_group_settings(tmp_path):
+    from parallel.testing import run_ranks
+
+    for groups in run_ranks(_ranks_holding_different_parameters, 2, tmp_path, timeout=60):
+        assert [g.get("weight_decay") for g in groups] == [0.1, 0.0]
+        assert all(g.get("lr") == 3e-3 and g.get("betas") == (0.9, 0.999) for g in groups)
