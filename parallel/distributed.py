@@ -59,7 +59,7 @@ def parallelize(model: nn.Module, mesh: ParallelMesh, zero_stage: int) -> None:
     """Shard experts over ep (all-to-all dispatch), then ZeRO-shard dense params over dp and
     expert params over edp."""
     if mesh.dims.ep > 1:
-        apply_expert_parallel(model, mesh.group("ep"))
+        apply_expert_parallel(model, mesh.group("ep"), mesh.group("ep_counts"))
     zero.apply_zero(model, mesh, stage=zero_stage)
 
 

@@ -129,8 +129,11 @@ class PendingCombine(_Pending):
 class AllToAllDispatcher:
     """Token dispatcher over an expert-parallel process group (see the module docstring)."""
 
-    def __init__(self, n_experts: int, ep_group):
+    def __init__(self, n_experts: int, ep_group, counts_group=None):
         self.n_experts, self.group = n_experts, ep_group
+        # step 2 on a group of its own when given (ParallelMesh.ep_counts): on NCCL a count
+        # exchange on the ep group would wait for every row exchange launched before it
+        self.counts_group = counts_group if counts_group is not None else ep_group
         self.ep = dist.get_world_size(ep_group)
         if n_experts % self.ep:
             raise ValueError(f"n_experts ({n_experts}) must be divisible by the ep group size ({self.ep})")
@@ -146,7 +149,7 @@ class AllToAllDispatcher:
         token_of_row = order // indices.shape[1]
         counts = torch.bincount(flat, minlength=self.n_experts)  # (E,)
         recv_counts = torch.empty_like(counts)  # step 2: (ep * E_local,) from each source rank
-        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        dist.all_to_all_single(recv_counts, counts, group=self.counts_group)
         send_splits = counts.view(self.ep, self.local_experts).sum(1).tolist()
         recv_matrix = recv_counts.view(self.ep, self.local_experts)  # (source rank, local expert)
         recv_splits = recv_matrix.sum(1).tolist()
@@ -180,7 +183,7 @@ class AllToAllDispatcher:
         return self.combine_start(expert_out, weights, handle).wait()
 
 
-def shard_experts(moe: MoE, ep_group) -> None:
+def shard_experts(moe: MoE, ep_group, counts_group=None) -> None:
     """Keep only this rank's experts in ``moe`` and route through the all-to-all dispatcher."""
     ep, rank = dist.get_world_size(ep_group), dist.get_rank(ep_group)
     full = moe.experts
@@ -191,11 +194,12 @@ def shard_experts(moe: MoE, ep_group) -> None:
         sharded.w2.copy_(full.w2[rank * local:(rank + 1) * local])
     sharded.expert_offset = rank * local
     moe.experts = sharded
-    moe.dispatcher = AllToAllDispatcher(full.n_experts, ep_group)
+    moe.dispatcher = AllToAllDispatcher(full.n_experts, ep_group, counts_group)
 
 
-def apply_expert_parallel(model: nn.Module, ep_group) -> None:
-    """Shard the experts of every MoE layer of model over ep_group."""
+def apply_expert_parallel(model: nn.Module, ep_group, counts_group=None) -> None:
+    """Shard the experts of every MoE layer of model over ep_group (count exchanges on
+    ``counts_group``, default ep_group)."""
     for module in list(model.modules()):
         if isinstance(module, MoE):
-            shard_experts(module, ep_group)
+            shard_experts(module, ep_group, counts_group)

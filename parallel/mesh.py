@@ -84,7 +84,12 @@ class ParallelDims:
         self.validate(world_size=dist.get_world_size())
         mesh = init_device_mesh(device_type, (self.pp, self.dp), mesh_dim_names=("pp", "dp"))
         expert_mesh = mesh._unflatten(1, (self.edp, self.ep), ("edp", "ep"))
-        return ParallelMesh(self, mesh, expert_mesh)
+        counts = None
+        if self.ep > 1:  # every rank creates every ep group's twin, in the same order
+            ep_groups = [[pp * self.dp + edp * self.ep + e for e in range(self.ep)]
+                         for pp in range(self.pp) for edp in range(self.edp)]
+            counts, _ = dist.new_subgroups_by_enumeration(ep_groups)
+        return ParallelMesh(self, mesh, expert_mesh, counts)
 
 
 @dataclass
@@ -94,11 +99,17 @@ class ParallelMesh:
     dims: ParallelDims
     mesh: object  # DeviceMesh with axes ("pp", "dp")
     expert_mesh: object  # DeviceMesh with axes ("pp", "edp", "ep")
+    ep_counts: object = None
+    """A second group over this rank's ep group (ep > 1): the dispatcher's per-expert count
+    exchange runs there, so that it never queues behind rows in flight on the ep group (NCCL runs
+    a communicator's collectives in issue order; the count is needed at once, the rows are not)."""
 
     def group(self, axis: str):
-        """Process group of this rank along a named axis: pp, dp, edp or ep."""
+        """Process group of this rank along a named axis: pp, dp, edp, ep (or ep_counts)."""
         if axis in ("pp", "dp"):
             return self.mesh.get_group(axis)
         if axis in ("edp", "ep"):
             return self.expert_mesh.get_group(axis)
-        raise ValueError(f"unknown mesh axis {axis!r}: use one of pp, dp, edp, ep")
+        if axis == "ep_counts":
+            return self.ep_counts if self.ep_counts is not None else self.expert_mesh.get_group("ep")
+        raise ValueError(f"unknown mesh axis {axis!r}: use one of pp, dp, edp, ep, ep_counts")

@@ -393,7 +393,7 @@ def build_pipeline(model: nn.Module, mesh, schedule_name: str, microbatches: int
     schedule = build(schedule_name, dims.pp, microbatches, n_layers=model.cfg.n_layers)
     stages = split_model(model, schedule_name, dims.pp, pp_rank)
     if dims.ep > 1:
-        apply_expert_parallel(stages, mesh.group("ep"))
+        apply_expert_parallel(stages, mesh.group("ep"), mesh.group("ep_counts"))
     if zero_stage is not None:
         for root in stages.zero_roots():
             zero.apply_zero(root, mesh, stage=zero_stage)

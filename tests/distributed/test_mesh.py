@@ -38,7 +38,10 @@ def test_rank_coordinates_put_ep_ranks_next_to_each_other():
 
 def _group_members(rank, world, pp, dp, ep):
     mesh = ParallelDims(pp=pp, dp=dp, ep=ep).build_mesh("cpu")
-    return {axis: dist.get_process_group_ranks(mesh.group(axis)) for axis in ("pp", "dp", "edp", "ep")}
+    members = {axis: dist.get_process_group_ranks(mesh.group(axis)) for axis in ("pp", "dp", "edp", "ep")}
+    members["ep_counts"] = dist.get_process_group_ranks(mesh.group("ep_counts"))
+    members["ep_counts is its own group"] = mesh.group("ep_counts") is not mesh.group("ep")
+    return members
 
 
 @pytest.mark.timeout(120)
@@ -52,7 +55,39 @@ def test_mesh_groups_follow_the_rank_formula(pp, dp, ep):
                            if all(dims.rank_coordinates(r)[a] == me[a] for a in keep)]
                     for axis, keep in (("pp", ["dp"]), ("dp", ["pp"]), ("ep", ["pp", "edp"]),
                                        ("edp", ["pp", "ep"]))}
+        expected["ep_counts"] = expected["ep"]  # the same ranks, another group
+        expected["ep_counts is its own group"] = True
         assert groups == expected, (rank, groups, expected)
+
+
+def _dispatch_groups(rank, world):
+    """Which group each all_to_all_single of one dispatch and combine ran on."""
+    import torch
+
+    from parallel.expert import AllToAllDispatcher
+
+    mesh = ParallelDims(dp=2, ep=2).build_mesh("cpu")
+    ep, counts = mesh.group("ep"), mesh.group("ep_counts")
+    calls = []
+    plain = dist.all_to_all_single
+
+    def logged(*args, group=None, **kwargs):
+        calls.append("ep" if group is ep else "ep_counts" if group is counts else "other")
+        return plain(*args, group=group, **kwargs)
+
+    dist.all_to_all_single = logged
+    dispatcher = AllToAllDispatcher(4, ep, counts)
+    x = torch.randn(6, 8)
+    rows, per_expert, handle = dispatcher.dispatch(x, torch.randint(0, 4, (6, 2)))
+    dispatcher.combine(rows, torch.ones(6, 2), handle)
+    dist.all_to_all_single = plain
+    return calls
+
+
+@pytest.mark.timeout(120)
+def test_the_dispatchers_count_exchange_runs_on_its_own_group():
+    for calls in run_ranks(_dispatch_groups, 2, timeout=100):
+        assert calls == ["ep_counts", "ep", "ep"]  # counts, rows out, rows back
 
 
 def _fail_on_rank_one(rank, world):
