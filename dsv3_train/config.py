@@ -194,6 +194,9 @@ class TrainConfig:
     """Ignore targets that lie in a different packed document than the input token."""
     threads: int = 0
     """torch intra-op threads (0 = leave torch's default)."""
+    device: str = "auto"
+    """Where the model trains: auto (this process's CUDA GPU when one is visible, else cpu), cuda
+    (refused without a GPU), or cpu."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "micro_batch_size", "grad_accum", "eval_batches",
@@ -210,6 +213,8 @@ class TrainConfig:
         _require(self.bias_update_speed >= 0,
                  f"train.bias_update_speed ({self.bias_update_speed}) must be >= 0")
         _require(self.grad_clip >= 0, f"train.grad_clip ({self.grad_clip}) must be >= 0 (0 = off)")
+        _require(self.device in ("auto", "cuda", "cpu"),
+                 f"train.device ({self.device!r}) must be one of 'auto', 'cuda', 'cpu'")
 
 
 @dataclass

@@ -26,8 +26,11 @@ def run(cfg: Config, stop_at: int | None = None) -> list[dict]:
     from dsv3_train.data import check_source
     from parallel import distributed
 
+    from dsv3_train.trainer import resolve_device
+
     check_source(cfg.data)
     dims = distributed.check_launch(cfg)  # refuses a bad layout before any process group exists
+    device = resolve_device(cfg.train.device)
     if cfg.precision.uses_te:
         from dsv3_train.precision.te import require_transformer_engine
 
@@ -35,15 +38,17 @@ def run(cfg: Config, stop_at: int | None = None) -> list[dict]:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     owns_group = not torch.distributed.is_initialized()  # a test harness may have joined already
-    mesh = distributed.init_mesh(dims) if dims.world_size > 1 else None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    mesh = distributed.init_mesh(dims, device.type) if dims.world_size > 1 else None
     try:
-        return _train(cfg, mesh, stop_at)
+        return _train(cfg, mesh, device, stop_at)
     finally:
         if mesh is not None and owns_group:
             distributed.destroy()
 
 
-def _train(cfg: Config, mesh, stop_at: int | None) -> list[dict]:
+def _train(cfg: Config, mesh, device: torch.device, stop_at: int | None) -> list[dict]:
     from dsv3_train.data import build_dataset
     from dsv3_train.metrics import MetricsLogger
     from dsv3_train.model import Transformer
@@ -60,7 +65,7 @@ def _train(cfg: Config, mesh, stop_at: int | None) -> list[dict]:
     if not is_main:
         dataset = build_dataset(cfg.data, cfg.model.vocab_size, progress=False)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = Transformer(cfg.model, cfg.precision)
+    model = Transformer(cfg.model, cfg.precision).to(device)  # initialised on the CPU RNG, then moved
     n_params = sum(p.numel() for p in model.parameters())
     runtime = None
     if mesh is not None and cfg.parallel.pp > 1:  # this rank's stages become the trainer's model
@@ -69,7 +74,7 @@ def _train(cfg: Config, mesh, stop_at: int | None) -> list[dict]:
 
         model, runtime = build_pipeline(model, mesh, cfg.parallel.schedule, cfg.train.grad_accum,
                                         zero_stage=cfg.parallel.zero_stage, overlap=cfg.parallel.overlap,
-                                        autocast=lambda: autocast_context(cfg.train.precision))
+                                        autocast=lambda: autocast_context(cfg.train.precision, device.type))
     elif mesh is not None:
         distributed.parallelize(model, mesh, cfg.parallel.zero_stage)
         runtime = distributed.DistributedRuntime(mesh, model, cfg.train)

@@ -8,6 +8,7 @@ loads over ranks before the bias update, averages metrics, and shards checkpoint
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from dsv3_train import schedule
 from dsv3_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from dsv3_train.config import Config, TrainConfig
+from dsv3_train.config import Config, ConfigError, TrainConfig
 from dsv3_train.data import PackedSampler, TokenDataset, validation_batches
 from dsv3_train.metrics import MetricsLogger, format_line
 from dsv3_train.model import Transformer, update_expert_biases
@@ -45,7 +46,7 @@ class LocalRuntime:
         sums = {"loss": 0.0, "total_loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
         for index, micro_batch in enumerate(batch.chunk(tc.grad_accum)):
             self.grad_sync(model, index == tc.grad_accum - 1)
-            with autocast_context(tc.precision):
+            with autocast_context(tc.precision, micro_batch.device.type):
                 terms = model.loss(micro_batch, mtp_weight, eos_id)
             (terms.total / tc.grad_accum).backward()
             sums["loss"] += terms.main.item() / tc.grad_accum
@@ -55,7 +56,7 @@ class LocalRuntime:
         return sums
 
     def evaluate_loss(self, model: torch.nn.Module, batch: torch.Tensor, eos_id: Optional[int]) -> float:
-        with autocast_context(self.train.precision):
+        with autocast_context(self.train.precision, batch.device.type):
             return model.loss(batch, 0.0, eos_id).main.item()
 
     def grad_sync(self, model: torch.nn.Module, enabled: bool) -> None:
@@ -85,10 +86,21 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Ada
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
-def autocast_context(precision: str):
+def autocast_context(precision: str, device_type: str = "cpu"):
     if precision == "bf16":
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def resolve_device(name: str) -> torch.device:
+    """train.device -> this process's device: auto picks its CUDA GPU (LOCAL_RANK) when one is
+    visible; cuda without a GPU is refused (before any process group exists)."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.device ({name!r}) needs a CUDA GPU but torch {torch.__version__} sees "
+                          f"none: install a CUDA build of torch (see the README) or set train.device=cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 class Trainer:
@@ -101,6 +113,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.logger = logger
         self.runtime = runtime if runtime is not None else LocalRuntime(cfg.train)
+        self.device = next(model.parameters()).device  # batches follow the model
         tc, rt = cfg.train, self.runtime
         self.optimizer = build_optimizer(model, tc)
         if cfg.precision.bf16_optimizer_moments:
@@ -172,7 +185,8 @@ class Trainer:
         lam = schedule.mtp_weight(tc, step)
         self.model.train()
         rt = self.runtime
-        sums = rt.forward_backward(self.model, self.sampler.next_batch(), lam, self._eos_id())
+        batch = self.sampler.next_batch().to(self.device, non_blocking=True)
+        sums = rt.forward_backward(self.model, batch, lam, self._eos_id())
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         grad_norm = rt.clip_grad_norm(self.model, max_norm)
         self.optimizer.step()
@@ -190,7 +204,8 @@ class Trainer:
         """Mean next-token cross-entropy on the fixed held-out batches (every rank runs all of
         them: expert parallelism needs every rank of an ep group in each forward)."""
         self.model.eval()
-        losses = [self.runtime.evaluate_loss(self.model, batch, self._eos_id()) for batch in self.val_batches]
+        losses = [self.runtime.evaluate_loss(self.model, batch.to(self.device), self._eos_id())
+                  for batch in self.val_batches]
         self.model.train()
         return sum(losses) / len(losses)
 

@@ -69,6 +69,7 @@ def validate_launch(cfg: Config, target: Target) -> None:
     _check_wandb(cfg)
     if target.on_this_machine:
         check_precision_backend(cfg)
+        _check_device(cfg)
         _check_visible_gpus(target)
     if target.gpu_memory_gib is not None:
         from launch.plan import check_fits, inputs_from_config
@@ -137,6 +138,13 @@ def check_precision_backend(cfg) -> None:
     from dsv3_train.precision.te import require_transformer_engine
 
     require_transformer_engine()
+
+
+def _check_device(cfg) -> None:
+    """train.device=cuda needs a GPU where the processes start."""
+    from dsv3_train.trainer import resolve_device
+
+    resolve_device(cfg.train.device)
 
 
 def _check_visible_gpus(target: Target) -> None:

@@ -44,15 +44,13 @@ def check_launch(cfg: Config) -> ParallelDims:
     return dims
 
 
-def init_mesh(dims: ParallelDims, timeout_s: float = 600.0) -> ParallelMesh:
-    """Join the launcher's process group (env:// rendezvous) and build the mesh."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+def init_mesh(dims: ParallelDims, device_type: str = "cpu", timeout_s: float = 600.0) -> ParallelMesh:
+    """Join the launcher's process group (env:// rendezvous) and build the mesh on ``device_type``
+    (cuda: NCCL for CUDA tensors, gloo for the few CPU ones; set the CUDA device first)."""
     if not dist.is_initialized():
-        dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device == "cuda" else "gloo",
+        dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=timeout_s))
-    return dims.build_mesh(device)
+    return dims.build_mesh(device_type)
 
 
 def parallelize(model: nn.Module, mesh: ParallelMesh, zero_stage: int) -> None:

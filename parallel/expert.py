@@ -154,7 +154,8 @@ class AllToAllDispatcher:
         recv_matrix = recv_counts.view(self.ep, self.local_experts)  # (source rank, local expert)
         recv_splits = recv_matrix.sum(1).tolist()
         # step 4's permutation: received rows are (source, expert)-major; we want (expert, source).
-        segment = torch.repeat_interleave(torch.arange(recv_matrix.numel()), recv_matrix.flatten())
+        segment = torch.repeat_interleave(torch.arange(recv_matrix.numel(), device=recv_matrix.device),
+                                          recv_matrix.flatten())
         source, expert = segment // self.local_experts, segment % self.local_experts
         regroup = (expert * self.ep + source).argsort(stable=True)
         handle = DispatchHandle(order, token_of_row, x.shape[0], send_splits, recv_splits, regroup)

@@ -332,7 +332,7 @@ class PipelineRuntime:
             run_in_sequence(run_forward(stage_program(chunk, carry, tape, batch, 0.0, eos_id),
                                         carry, tape, self.autocast))
             if chunk.is_last:
-                main += tape.values[MAIN][0].double()
+                main += tape.values[MAIN][0].double().cpu()
             else:
                 h = carry["h"]
                 if placement[s + 1] != self.pp_rank:

@@ -46,6 +46,7 @@ CASES = {
     "top-k-reachable": (LOCAL + ["model.n_activated_experts=5"],
                         r"model.n_activated_experts \(5\) exceeds the 4 experts.*raise n_limited_groups"),
     "precision-name": (LOCAL + ["train.precision=fp16"], r"train.precision \('fp16'\) must be one of 'fp32', 'bf16'"),
+    "device-name": (LOCAL + ["train.device=gpu"], r"train.device \('gpu'\) must be one of 'auto', 'cuda', 'cpu'"),
     "vocab-too-small": (LOCAL + ["model.vocab_size=100"], r"model.vocab_size \(100\) is too small.*use at least"),
     "unknown-key": (LOCAL + ["train.stepz=10"], r"Key 'stepz' not in 'TrainConfig'.*check the override's key"),
     # launcher rules --------------------------------------------------------------------------
@@ -115,6 +116,21 @@ def test_invalid_config_is_refused_before_launch(case, capsys, tmp_path, monkeyp
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
     assert "torch.distributed.run" not in out and "#SBATCH" not in out  # nothing was started or rendered
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cuda_device_is_refused_on_a_machine_without_cuda(capsys, tmp_path, monkeypatch):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(LOCAL + ["train.device=cuda"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert re.search(r"train.device \('cuda'\) needs a CUDA GPU but torch .* sees none: install a CUDA "
+                     r"build of torch \(see the README\) or set train.device=cpu", err), err
     assert not (tmp_path / "runs").exists()
 
 
