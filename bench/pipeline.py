@@ -27,13 +27,16 @@ all-to-all through ``transport.EmulatedLink``, calibrated so that the emulated a
 a step equals its compute time (per exchange: half latency, half bytes / bandwidth). With
 overlap off every F&B pair runs forward then backward; with overlap on its phases interleave.
 Exposed all-to-all = time ranks spent blocked waiting for an exchange, as a share of the
-emulated all-to-all time.
+emulated all-to-all time. With overlap on, weight-gradient GEMMs fill the waits
+(``overlap.WaitFiller``). ``pair-order`` alternates pairs that start with the backward phase
+(the runtime's default) and with the forward phase, step by step, on one calibrated link.
 
 Usage::
 
     python bench/pipeline.py                   # both parts, 5 timed iterations each
     python bench/pipeline.py --part overlap --iters 3
     python bench/pipeline.py --part schedules --iters 5   # part 1 only, ~25 s
+    python bench/pipeline.py --part pair-order --iters 4  # F&B pair: backward or forward first
 
 Ranks are spawned with ``parallel.testing.run_ranks`` (gloo, one torch thread each); part 2 puts
 4 ranks on however many cores there are, and the bench says when that oversubscribes them.
@@ -381,11 +384,14 @@ def _overlap_runs(mesh, link: EmulatedLink, names: tuple[str, ...], microbatches
     return runs
 
 
-def _in_pairs(waits: list[tuple[float, float]], timeline: list[tuple[str, float, float]]) -> float:
-    """Seconds of ``waits`` that fall inside the rank's F&B actions."""
-    pairs = [(start, end) for kind, start, end in timeline if kind.startswith("F&")]
-    return sum(max(0.0, min(end, p_end) - max(start, p_start))
-               for start, end in waits for p_start, p_end in pairs)
+def _exposed_by_action(waits: list[tuple[float, float]], timeline: list[tuple[str, float, float]]) -> list[float]:
+    """Seconds of ``waits`` inside the rank's F actions, B / I actions, and F&B pairs."""
+    out = [0.0, 0.0, 0.0]
+    for kind, a_start, a_end in timeline:
+        slot = 2 if kind.startswith("F&") else 0 if kind == "F" else 1 if kind in ("B", "I") else None
+        if slot is not None:
+            out[slot] += sum(max(0.0, min(end, a_end) - max(start, a_start)) for start, end in waits)
+    return out
 
 
 def _paired_share(schedule) -> float:
@@ -404,17 +410,22 @@ def _overlap_worker(rank: int, world: int, warmup: int, iters: int, microbatches
     link = EmulatedLink()  # calibrated below
     names = ("dualpipe", "dualpipev")
     runs = _overlap_runs(mesh, link, names, microbatches)
-    # calibration: compute time and exchanges of a DualPipe step with an instant link
+    # calibration: compute time and exchanges of a DualPipe step with an instant link (median of
+    # 3 steps: one step's compute moves by 10-30 % on this shared host, and so would the link)
     run, model, runtime = runs[("dualpipe", False)]
-    for _ in range(warmup + 1):
+    samples = []
+    for iteration in range(warmup + 3):
         link.stats.reset()
         _timed(run, model)
-    busy = sum(end - start for _, start, end in runtime.timeline)
-    busy, exchanges, real_exposed = _mean_over_ranks([busy, link.stats.exchanges, link.stats.exposed_s])
+        busy = sum(end - start for _, start, end in runtime.timeline)
+        if iteration >= warmup:
+            samples.append(_mean_over_ranks([busy, link.stats.exchanges, link.stats.exposed_s]))
+    busy, exchanges, real_exposed = (statistics.median(column) for column in zip(*samples))
     per_exchange = busy / exchanges
     nbytes = CFG.dim * 4 * MICRO_BATCH * SEQ_LEN * CFG.n_activated_experts  # rows of one micro-batch
     link.latency_s, link.bandwidth = per_exchange / 2, nbytes / (per_exchange / 2)
-    fields = ("step", "exposed", "emulated", "exposed_in_pairs", "peer", "filled")
+    fields = ("step", "exposed", "emulated", "exposed_in_f", "exposed_in_b", "exposed_in_pairs", "peer",
+              "filled", "compute")
     results = {key: {field: [] for field in fields} for key in runs}
     for iteration in range(warmup + iters):
         for key, (run, model, runtime) in runs.items():
@@ -422,10 +433,11 @@ def _overlap_worker(rank: int, world: int, warmup: int, iters: int, microbatches
             if runtime.filler is not None:
                 runtime.filler.reset()
             seconds = _timed(run, model)
-            in_pairs = _in_pairs(link.stats.waits, runtime.timeline)
+            by_action = _exposed_by_action(link.stats.waits, runtime.timeline)
             filled = runtime.filler.filled_s if runtime.filler is not None else 0.0
-            values = _mean_over_ranks([link.stats.exposed_s, link.stats.emulated_s, in_pairs,
-                                       link.stats.peer_s, filled])
+            compute = sum(end - start for _, start, end in runtime.timeline) - link.stats.exposed_s
+            values = _mean_over_ranks([link.stats.exposed_s, link.stats.emulated_s, *by_action,
+                                       link.stats.peer_s, filled, compute])
             if iteration >= warmup:
                 for field, value in zip(fields, [seconds, *values]):
                     results[key][field].append(value)
@@ -449,27 +461,69 @@ def part_overlap(warmup: int, iters: int, microbatches: int) -> None:
           f"calibrated so a DualPipe step's {cal['exchanges']:.0f} exchanges take its "
           f"{cal['compute_s'] * 1e3:.0f} ms of compute (with an instant link, waiting for gloo's own "
           f"all-to-all took {cal['real_exposed_s'] * 1e3:.0f} ms of it).\n")
-    print("| schedule | overlap | step ms | all-to-all ms (emulated) | exposed ms | exposed | hidden "
-          "| of exposed: peer late | exposed, link only | chunks in F&B pairs | exposed inside pairs "
-          "| W run in waits |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| schedule | overlap | step ms | compute ms | all-to-all ms (emulated) | all-to-all / compute "
+          "| exposed ms | exposed | hidden | of exposed: peer late | exposed, link only "
+          "| chunks in F&B pairs | exposed in F / B,I / F&B actions | W run in waits |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     runs = result["runs"]
     for (name, overlap), row in runs.items():
         share = row["exposed"] / row["emulated"]
         link_only = (row["exposed"] - row["peer"]) / row["emulated"]
         print(f"| {name} | {'on' if overlap else 'off'} | {row['step'] * 1e3:.0f} | "
-              f"{row['emulated'] * 1e3:.0f} | {row['exposed'] * 1e3:.0f} | {share:.0%} | {1 - share:.0%} "
+              f"{row['compute'] * 1e3:.0f} | {row['emulated'] * 1e3:.0f} | "
+              f"{row['emulated'] / row['compute']:.2f} | {row['exposed'] * 1e3:.0f} | {share:.0%} | {1 - share:.0%} "
               f"| {row['peer'] * 1e3:.0f} ms | {link_only:.0%} | {row['paired_share']:.0%} "
-              f"| {row['exposed_in_pairs'] * 1e3:.0f} ms | {row['filled'] * 1e3:.0f} ms |")
+              f"| {row['exposed_in_f'] * 1e3:.0f} / {row['exposed_in_b'] * 1e3:.0f} / "
+              f"{row['exposed_in_pairs'] * 1e3:.0f} ms | {row['filled'] * 1e3:.0f} ms |")
     for name in sorted({name for name, _ in runs}):
         on, off = runs[(name, True)], runs[(name, False)]
         print(f"\n{name}: exposed all-to-all on/off {on['exposed'] / off['exposed']:.2f}, "
               f"step time on/off {on['step'] / off['step']:.2f}")
 
 
+def _pair_order_worker(rank: int, world: int, steps: int, microbatches: int) -> dict:
+    """Exposed share with the overlapped pair starting with the backward or with the forward,
+    alternating step by step in one process (same link, same load)."""
+    mesh = ParallelDims(pp=2, dp=2, ep=2).build_mesh("cpu")
+    link = EmulatedLink()
+    runs = _overlap_runs(mesh, link, ("dualpipe", "dualpipev"), microbatches)
+    run, model, runtime = runs[("dualpipe", False)]
+    samples = []
+    for _ in range(4):  # calibrate as part 2 does: median of 3 steps after a warm-up
+        link.stats.reset()
+        _timed(run, model)
+        samples.append(_mean_over_ranks([sum(e - s for _, s, e in runtime.timeline), link.stats.exchanges]))
+    busy, exchanges = (statistics.median(column) for column in zip(*samples[1:]))
+    nbytes = CFG.dim * 4 * MICRO_BATCH * SEQ_LEN * CFG.n_activated_experts
+    link.latency_s, link.bandwidth = busy / exchanges / 2, nbytes / (busy / exchanges / 2)
+    out = {}
+    for name in ("dualpipe", "dualpipev"):
+        run, model, runtime = runs[(name, True)]
+        _timed(run, model)
+        for step in range(2 * steps):
+            runtime.pair_backward_first = step % 2 == 0
+            link.stats.reset()
+            _timed(run, model)
+            exposed, emulated = _mean_over_ranks([link.stats.exposed_s, link.stats.emulated_s])
+            key = (name, "backward first" if runtime.pair_backward_first else "forward first")
+            out.setdefault(key, []).append(exposed / emulated)
+    return out
+
+
+def part_pair_order(steps: int, microbatches: int) -> None:
+    result = run_ranks(_pair_order_worker, 4, steps, microbatches, timeout=1800)[0]
+    print(f"\n## Pair order: exposed all-to-all, pp=2 x dp=2 x ep=2, {microbatches} micro-batches, "
+          f"the two orders alternating step by step ({steps} steps each)\n")
+    print("| schedule | pair starts with | exposed, per step | median |")
+    print("|---|---|---|---:|")
+    for (name, order), shares in result.items():
+        print(f"| {name} | {order} | {', '.join(f'{x:.0%}' for x in shares)} | {statistics.median(shares):.0%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("schedules", "overlap", "both"), default="both")
+    parser.add_argument("--part", choices=("schedules", "overlap", "both", "pair-order"), default="both",
+                        help="both = schedules + overlap; pair-order: backward-first vs forward-first F&B")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--overlap-microbatches", type=int, default=16,
@@ -480,6 +534,8 @@ def main() -> None:
         part_schedules(args.warmup, args.iters)
     if args.part in ("overlap", "both"):
         part_overlap(args.warmup, args.iters, args.overlap_microbatches)
+    if args.part == "pair-order":
+        part_pair_order(args.iters, args.overlap_microbatches)
 
 
 if __name__ == "__main__":

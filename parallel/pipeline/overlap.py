@@ -190,16 +190,14 @@ class _FillingWork:
         return self.work.wait()
 
 
-def interleave(forward: Iterator[None], backward: Iterator[None]) -> None:
+def interleave(forward: Iterator[None], backward: Iterator[None], backward_first: bool = True) -> None:
     """The overlapped pair: one backward phase, one forward phase, ... until both are done.
 
     The backward goes first: its first segment is short (the last block's gate weighting and
     residual) and ends by launching the reverse combine, which the forward's first phase
-    (attention) then hides. Forward first would leave the forward's first dispatch to that short
-    segment. Measured (bench/pipeline.py's setup, 16 micro-batches, 4 alternating steps each):
-    exposed all-to-all 31-35 % forward first vs 28 % backward first for DualPipe, 36-40 % vs
-    30-33 % for DualPipeV."""
-    active = [backward, forward]
+    (attention) then hides. Forward first leaves the forward's first dispatch to that short
+    segment (``python bench/pipeline.py --part pair-order`` measures both)."""
+    active = [backward, forward] if backward_first else [forward, backward]
     while active:
         for steps in list(active):
             try:

@@ -106,6 +106,8 @@ class PipelineRuntime:
         param = next(stages.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.filler = WaitFiller() if overlap else None
+        self.pair_backward_first = True
+        """Overlapped pairs start with the backward phase (``overlap.interleave``)."""
         """With overlap on: runs queued weight-gradient GEMMs inside all-to-all waits."""
         self.set_exchange(default_exchange(self.device) if exchange == "auto" else exchange)
         self._check_copies_equal()
@@ -159,7 +161,10 @@ class PipelineRuntime:
             step.sends.append(self.p2p.send(action.key, action.peer, step.outbox.pop(action.key)))
         elif isinstance(action, Overlapped):
             pair = (self._forward(action.forward, step), self._backward(action.backward, step))
-            (interleave if self.overlap else run_in_sequence)(*pair)
+            if self.overlap:
+                interleave(*pair, backward_first=self.pair_backward_first)
+            else:
+                run_in_sequence(*pair)
         elif action.kind == FORWARD:
             run_in_sequence(self._forward(action, step))
         elif action.kind in (BACKWARD, INPUT_GRAD):
