@@ -445,14 +445,49 @@ def _overlap_worker(rank: int, world: int, warmup: int, iters: int, microbatches
            for key, fields in results.items()}
     for key, (_, _, runtime) in runs.items():
         out[key]["paired_share"] = _paired_share(runtime.schedule)
-    return {"runs": out, "calibration": {"compute_s": busy, "exchanges": exchanges, "real_exposed_s": real_exposed,
+    timelines = {}  # one more DualPipe step each way, as it ran: for the timeline PNGs
+    for overlap in (False, True):
+        run, model, runtime = runs[("dualpipe", overlap)]
+        link.stats.reset()
+        _timed(run, model)
+        timelines[overlap] = (runtime.pp_rank, runtime.dp_rank, list(runtime.timeline), list(link.stats.waits))
+    return {"runs": out, "timelines": timelines, "calibration": {"compute_s": busy, "exchanges": exchanges, "real_exposed_s": real_exposed,
                                          "latency_s": link.latency_s, "bandwidth": link.bandwidth}}
 
 
-def part_overlap(warmup: int, iters: int, microbatches: int) -> None:
+def _draw_measured(per_rank: list, microbatches: int, overlap: bool, path: Path) -> None:
+    """The measured DualPipe step of dp rank 0's pp ranks, with its all-to-all waits."""
+    from parallel.pipeline.printer import draw_timeline
+    from parallel.pipeline.simulator import CostModel, SimulationResult, Slot
+
+    schedule = build("dualpipe", 2, microbatches, n_layers=CFG.n_layers)
+    rows = sorted((pp, timeline, waits) for pp, dp, timeline, waits in per_rank if dp == 0)
+    t0 = min(start for _, timeline, _ in rows for _, start, _ in timeline)
+    lines, marks = [], []
+    for pp, timeline, waits in rows:
+        actions = [a for a in schedule.ranks[pp] if isinstance(a, (Compute, Overlapped))]
+        lines.append([Slot(a, (start - t0) * 1e3, (end - t0) * 1e3) for a, (_, start, end) in zip(actions, timeline)])
+        marks.append([((start - t0) * 1e3, (end - t0) * 1e3) for start, end in waits])
+    step = max(slot.end for line in lines for slot in line)
+    busy = [sum(slot.end - slot.start for slot in line) for line in lines]
+    result = SimulationResult(schedule, CostModel(), lines, step, busy, [0.0] * 2, [0] * 2)
+    exposed = sum(end - start for line in marks for start, end in line) / len(marks)
+    draw_timeline(result, path, unit="ms", marks=marks, width=18.0,
+                  title=f"measured: DualPipe pp=2 (dp rank 0 of pp2 x dp2 x ep2), {microbatches} micro-batches, "
+                        f"overlap {'on' if overlap else 'off'}: step {step:.0f} ms, waiting for all-to-alls "
+                        f"{exposed:.0f} ms per rank (red)")
+
+
+def part_overlap(warmup: int, iters: int, microbatches: int, timeline_dir: Optional[Path] = None) -> None:
     ranks = 4
     cores = len(os.sched_getaffinity(0))
-    result = run_ranks(_overlap_worker, ranks, warmup, iters, microbatches, timeout=1800)[0]
+    per_rank = run_ranks(_overlap_worker, ranks, warmup, iters, microbatches, timeout=1800)
+    result = per_rank[0]
+    if timeline_dir is not None:
+        for overlap in (False, True):
+            path = timeline_dir / f"measured-dualpipe-overlap-{'on' if overlap else 'off'}.png"
+            _draw_measured([r["timelines"][overlap] for r in per_rank], microbatches, overlap, path)
+            print(f"wrote {path}")
     cal = result["calibration"]
     print(f"\n## Part 2: exposed all-to-all, pp=2 x dp=2 x ep=2 (4 ranks on {cores} cores"
           f"{', oversubscribed' if ranks > cores else ''}), {microbatches} micro-batches of "
@@ -528,12 +563,14 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--overlap-microbatches", type=int, default=16,
                         help="micro-batches per step in part 2 (DualPipe pairs F&B in its main phase only)")
+    parser.add_argument("--timeline-dir", type=Path, default=None,
+                        help="part 2: write the measured DualPipe timelines (overlap off / on) as PNGs here")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {len(os.sched_getaffinity(0))} cores")
     if args.part in ("schedules", "both"):
         part_schedules(args.warmup, args.iters)
     if args.part in ("overlap", "both"):
-        part_overlap(args.warmup, args.iters, args.overlap_microbatches)
+        part_overlap(args.warmup, args.iters, args.overlap_microbatches, args.timeline_dir)
     if args.part == "pair-order":
         part_pair_order(args.iters, args.overlap_microbatches)
 

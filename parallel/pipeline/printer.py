@@ -68,15 +68,19 @@ def to_text(result: SimulationResult, cell: int = 4) -> str:
     return "\n".join(out)
 
 
-def draw_timeline(result: SimulationResult, path: str | Path) -> Path:
-    """Write the timeline of a simulated schedule as a PNG."""
+def draw_timeline(result: SimulationResult, path: str | Path, unit: str = "cost-model units",
+                  title: str | None = None, marks: list[list[tuple[float, float]]] | None = None,
+                  width: float | None = None) -> Path:
+    """Write the timeline of a simulated (or measured) schedule as a PNG. ``marks``: per rank,
+    intervals drawn as red bars under the row (a measured run's exposed all-to-all waits)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     s = result.schedule
-    fig, ax = plt.subplots(figsize=(max(8.0, min(40.0, result.step_time * 0.35)), 0.55 * s.pp + 1.4))
+    width = width or max(8.0, min(40.0, result.step_time * 0.35))
+    fig, ax = plt.subplots(figsize=(width, 0.55 * s.pp + 1.4))
     for r, line in enumerate(result.timeline):
         y = s.pp - 1 - r
         for slot in line:
@@ -90,16 +94,21 @@ def draw_timeline(result: SimulationResult, path: str | Path) -> Path:
                 ax.text((slot.start + slot.end) / 2, bottom + height / 2, str(c.mb), ha="center",
                         va="center", fontsize=7 if len(chunks) == 1 else 6,
                         color="white" if _second_chunk(s, c) else "black")
+        for start, end in (marks[r] if marks else []):
+            ax.add_patch(plt.Rectangle((start, y - 0.5), end - start, 0.08, facecolor="#d62728",
+                                       edgecolor="none"))
     ax.set_xlim(0, result.step_time)
     ax.set_ylim(-0.6, s.pp - 0.4)
     ax.set_yticks(range(s.pp))
     ax.set_yticklabels([f"rank {r}" for r in reversed(range(s.pp))])
-    ax.set_xlabel("time (cost-model units)")
-    ax.set_title(f"{s.name}, pp={s.pp}, {s.microbatches} micro-batches: step {result.step_time:g}, "
-                 f"bubble fraction {result.bubble_fraction:.3f} (F&B: forward on top, backward below)",
+    ax.set_xlabel(f"time ({unit})")
+    ax.set_title(title or (f"{s.name}, pp={s.pp}, {s.microbatches} micro-batches: step {result.step_time:g}, "
+                           f"bubble fraction {result.bubble_fraction:.3f} (F&B: forward on top, backward below)"),
                  fontsize=9)
     handles = [Patch(facecolor=COLOURS[k], edgecolor="black", label=NAMES[k]) for k in "FBIW"]
     handles.append(Patch(facecolor=DARK["F"], edgecolor="black", label="second chunk (darker)"))
+    if marks:
+        handles.append(Patch(facecolor="#d62728", edgecolor="none", label="waiting for an all-to-all"))
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.35 if s.pp < 4 else -0.18),
               ncol=5, fontsize=7, frameon=False)
     fig.tight_layout()
