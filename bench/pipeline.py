@@ -405,14 +405,12 @@ def _paired_share(schedule) -> float:
     return paired / total
 
 
-def _overlap_worker(rank: int, world: int, warmup: int, iters: int, microbatches: int) -> dict:
-    mesh = ParallelDims(pp=2, dp=2, ep=2).build_mesh("cpu")
-    link = EmulatedLink()  # calibrated below
-    names = ("dualpipe", "dualpipev")
-    runs = _overlap_runs(mesh, link, names, microbatches)
-    # calibration: compute time and exchanges of a DualPipe step with an instant link (median of
-    # 3 steps: one step's compute moves by 10-30 % on this shared host, and so would the link)
-    run, model, runtime = runs[("dualpipe", False)]
+def _calibrate(link: EmulatedLink, run, model, runtime, warmup: int) -> tuple[float, float, float]:
+    """Set ``link`` so that the exchanges of a step of ``run`` (overlap off, instant link) take as
+    long as its compute: half latency, half bytes / bandwidth. Median of 3 steps after ``warmup``:
+    one step's compute moves by 10-30 % on this shared host, and so would the link.
+    Returns (compute s, exchanges, s blocked in gloo's own all-to-all) per step."""
+    link.latency_s, link.bandwidth = 0.0, float("inf")
     samples = []
     for iteration in range(warmup + 3):
         link.stats.reset()
@@ -424,6 +422,15 @@ def _overlap_worker(rank: int, world: int, warmup: int, iters: int, microbatches
     per_exchange = busy / exchanges
     nbytes = CFG.dim * 4 * MICRO_BATCH * SEQ_LEN * CFG.n_activated_experts  # rows of one micro-batch
     link.latency_s, link.bandwidth = per_exchange / 2, nbytes / (per_exchange / 2)
+    return busy, exchanges, real_exposed
+
+
+def _overlap_worker(rank: int, world: int, warmup: int, iters: int, microbatches: int) -> dict:
+    mesh = ParallelDims(pp=2, dp=2, ep=2).build_mesh("cpu")
+    link = EmulatedLink()  # calibrated below
+    names = ("dualpipe", "dualpipev")
+    runs = _overlap_runs(mesh, link, names, microbatches)
+    busy, exchanges, real_exposed = _calibrate(link, *runs[("dualpipe", False)], warmup)
     fields = ("step", "exposed", "emulated", "exposed_in_f", "exposed_in_b", "exposed_in_pairs", "peer",
               "filled", "compute")
     results = {key: {field: [] for field in fields} for key in runs}
@@ -522,15 +529,7 @@ def _pair_order_worker(rank: int, world: int, steps: int, microbatches: int) -> 
     mesh = ParallelDims(pp=2, dp=2, ep=2).build_mesh("cpu")
     link = EmulatedLink()
     runs = _overlap_runs(mesh, link, ("dualpipe", "dualpipev"), microbatches)
-    run, model, runtime = runs[("dualpipe", False)]
-    samples = []
-    for _ in range(4):  # calibrate as part 2 does: median of 3 steps after a warm-up
-        link.stats.reset()
-        _timed(run, model)
-        samples.append(_mean_over_ranks([sum(e - s for _, s, e in runtime.timeline), link.stats.exchanges]))
-    busy, exchanges = (statistics.median(column) for column in zip(*samples[1:]))
-    nbytes = CFG.dim * 4 * MICRO_BATCH * SEQ_LEN * CFG.n_activated_experts
-    link.latency_s, link.bandwidth = busy / exchanges / 2, nbytes / (busy / exchanges / 2)
+    _calibrate(link, *runs[("dualpipe", False)], warmup=1)
     out = {}
     for name in ("dualpipe", "dualpipev"):
         run, model, runtime = runs[(name, True)]

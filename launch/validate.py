@@ -70,7 +70,8 @@ def validate_launch(cfg: Config, target: Target) -> None:
     if target.on_this_machine:
         check_precision_backend(cfg)
         _check_device(cfg)
-        _check_visible_gpus(target)
+        if cfg.train.device != "cpu":
+            _check_visible_gpus(target)
     if target.gpu_memory_gib is not None:
         from launch.plan import check_fits, inputs_from_config
 

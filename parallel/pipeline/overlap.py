@@ -129,14 +129,19 @@ def run_forward(program: Iterator[None], carry: dict, tape: Tape, autocast) -> I
 class WaitFiller:
     """Runs queued weight-gradient GEMMs while an expert all-to-all is in flight.
 
-    The runtime registers each backward's ``DeferredWeightGrads`` queue (``add``) and empties it
-    where the schedule says (the end of a ``B``, the chunk's ``W``; then ``remove``). An exchange
-    launched through ``wrap(exchange)`` returns work whose ``wait`` first runs queued GEMMs, oldest
-    queue first, one at a time while the exchange is not complete. Only *when* a weight gradient is
-    computed changes: the same GEMM on the same operands, accumulated into the same ``.grad``.
+    The runtime registers the queue of the ``B`` it is running (``add``) and empties it when that
+    action ends (``remove``). An exchange launched through ``wrap(exchange)`` returns work whose
+    ``wait`` first runs queued GEMMs, oldest first, one at a time while the exchange is not
+    complete. Only *when* a weight gradient is computed changes: the same GEMM on the same operands
+    (autocast off, as the backward runs it, even when the wait is inside a forward phase),
+    accumulated into the same ``.grad`` within the same action, so gradients keep their bits and
+    their order from run to run. (An ``I``'s queue is not filled from: its GEMMs wait for the
+    chunk's ``W``, and running some of them early, as timing allows, would make the order in which
+    a weight's gradients accumulate depend on timing.)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device_type: str = "cpu") -> None:
+        self.device_type = device_type
         self.queues: list[DeferredWeightGrads] = []
         self.filled = 0
         """GEMM groups run inside waits (since the last ``reset``)."""
@@ -159,7 +164,8 @@ class WaitFiller:
             if queue is None:                                        # still be filling up
                 return
             start = time.perf_counter()
-            queue.compute_one()
+            with torch.autocast(self.device_type, enabled=False):  # a forward phase may be waiting
+                queue.compute_one()
             self.filled += 1
             self.filled_s += time.perf_counter() - start
 

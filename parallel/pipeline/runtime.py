@@ -105,10 +105,10 @@ class PipelineRuntime:
                              f"apply_zero on each of stages.zero_roots() first")
         param = next(stages.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.filler = WaitFiller() if overlap else None
+        self.filler = WaitFiller(self.device.type) if overlap else None
+        """With overlap on: runs a B's queued weight-gradient GEMMs inside all-to-all waits."""
         self.pair_backward_first = True
         """Overlapped pairs start with the backward phase (``overlap.interleave``)."""
-        """With overlap on: runs queued weight-gradient GEMMs inside all-to-all waits."""
         self.set_exchange(default_exchange(self.device) if exchange == "auto" else exchange)
         self._check_copies_equal()
         self.profile = profile
@@ -170,10 +170,7 @@ class PipelineRuntime:
         elif action.kind in (BACKWARD, INPUT_GRAD):
             run_in_sequence(self._backward(action, step))
         elif action.kind == WEIGHT_GRAD:
-            pending = step.deferred.pop(_chunk_key(action))
-            pending.compute()
-            if self.filler is not None:
-                self.filler.remove(pending)
+            step.deferred.pop(_chunk_key(action)).compute()
         else:
             raise ValueError(f"unknown action {action}")
 
@@ -211,14 +208,15 @@ class PipelineRuntime:
         grad = None if chunk.is_last else self._take(step, consumed(c, self.schedule.n_stages))
         # I defers the weight gradients to the chunk's W; with overlap on a B defers them too, to
         # its own end, so that the filler can run them inside the waits on the way.
-        defer = c.kind == INPUT_GRAD or self.filler is not None
+        fill = c.kind == BACKWARD and self.filler is not None
+        defer = c.kind == INPUT_GRAD or fill
         with (defer_weight_grad(chunk) if defer else contextlib.nullcontext()) as pending:
-            if self.filler is not None:
+            if fill:
                 self.filler.add(pending)
             yield from forward.tape.backward_steps(grad, 1.0 / self.schedule.microbatches)
         if c.kind == INPUT_GRAD:
             step.deferred[_chunk_key(c)] = pending
-        elif defer:
+        elif fill:
             pending.compute()
             self.filler.remove(pending)
         if not chunk.is_first:

@@ -71,15 +71,21 @@ def _ranks_holding_different_parameters(rank, world, root):
     optimizer = build()
     sum(m(torch.randn(2, 4)).sum() for m in model.values()).backward()
     optimizer.step()
+    saved = {name: optimizer.state[p]["exp_avg"].clone() for name, p in model.named_parameters()}
     ckpt.save_checkpoint(root, 1, model, optimizer, {"step": 1})
+    model.zero_grad(set_to_none=True)  # as after a trainer step (DCP initialises a gradless optimizer)
     fresh = build()
     ckpt.load_checkpoint(root / "step_00000001", model, fresh)
-    return [{k: v for k, v in group.items() if k != "params"} for group in fresh.param_groups]
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in fresh.param_groups]
+    loaded = {name: fresh.state[p]["exp_avg"] for name, p in model.named_parameters()}
+    return groups, saved, loaded
 
 
 def test_ranks_holding_different_parameters_keep_their_param_group_settings(tmp_path):
     from parallel.testing import run_ranks
 
-    for groups in run_ranks(_ranks_holding_different_parameters, 2, tmp_path, timeout=60):
+    for groups, saved, loaded in run_ranks(_ranks_holding_different_parameters, 2, tmp_path, timeout=60):
         assert [g.get("weight_decay") for g in groups] == [0.1, 0.0]
         assert all(g.get("lr") == 3e-3 and g.get("betas") == (0.9, 0.999) for g in groups)
+        assert set(loaded) == set(saved)  # each rank's own parameters, with their own moments
+        assert all(torch.equal(loaded[name], saved[name]) for name in saved)

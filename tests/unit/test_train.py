@@ -26,7 +26,8 @@ def corpus(tmp_path_factory):
 
 def tiny_config(corpus, run_dir, **train_overrides) -> Config:
     train = dict(steps=6, seq_len=32, micro_batch_size=4, warmup_steps=2, eval_every=3, eval_batches=2,
-                 log_every=1, lr=3e-3, bias_update_speed=0.01)
+                 log_every=1, lr=3e-3, bias_update_speed=0.01,
+                 device="cpu")  # gloo ranks on one host, bit-exact CPU kernels, also on a GPU box
     train.update(train_overrides)
     return Config(
         model=ModelConfig(vocab_size=300, dim=32, n_layers=3, n_dense_layers=1, n_heads=2, inter_dim=64,
