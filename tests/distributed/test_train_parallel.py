@@ -125,7 +125,10 @@ def test_pipeline_checkpoint_resumes_at_any_layout(corpus, tmp_path, name):
     resumed = train(layout_config(corpus, tmp_path / "resumed", resume=str(checkpoint), **shape, **target))
     assert [m["step"] for m in resumed] == [3]
     for key in ("loss", "total_loss", "grad_norm", "val_loss"):
-        assert_close(resumed[0][key], straight[2][key])
+        if source == target:  # the same layout repeats the step bit for bit (overlap on, ep > 1:
+            assert resumed[0][key] == straight[2][key], key  # weight-grad order is fixed)
+        else:
+            assert_close(resumed[0][key], straight[2][key])
     for name, load in straight[2]["expert_load"].items():
         assert resumed[0]["expert_load"][name] == pytest.approx(load, abs=1e-12)
 
