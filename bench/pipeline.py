@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsv3_train.config import ModelConfig  # noqa: E402
 from dsv3_train.model.transformer import Transformer  # noqa: E402
 from parallel.mesh import ParallelDims  # noqa: E402
-from parallel.pipeline import Compute, CostModel, Overlapped, TensorKey, build, produced, simulate  # noqa: E402
+from parallel.pipeline import Compute, CostModel, Overlapped, TensorKey, build, simulate  # noqa: E402
 from parallel.pipeline.overlap import Tape, run_forward, run_in_sequence, stage_program  # noqa: E402
 from parallel.pipeline.runtime import PipelineRuntime, build_pipeline  # noqa: E402
 from parallel.pipeline.stage import split_model  # noqa: E402

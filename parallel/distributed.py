@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.distributed as dist

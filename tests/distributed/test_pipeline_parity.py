@@ -36,7 +36,6 @@ from dsv3_train.trainer import autocast_context, build_optimizer
 from parallel.mesh import ParallelDims
 from parallel.pipeline.runtime import build_pipeline
 from parallel.testing import run_ranks
-from parallel.zero import reduce_expert_load
 
 STEPS, GLOBAL_BATCH, SEQ_LEN = 3, 8, 8
 MTP_WEIGHT, BIAS_SPEED, MAX_NORM, ADAM_EPS, TOLERANCE = 0.3, 0.01, 0.5, 1e-3, 1e-5

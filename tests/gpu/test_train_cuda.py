@@ -8,12 +8,18 @@ import pytest
 import torch
 
 from dsv3_train.train import run
-from tests.unit.test_train import corpus, tiny_config  # noqa: F401 (corpus: the fixture)
+from tests.distributed.test_train_parallel import _corpus
+from tests.unit.test_train import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_trainer_runs_on_the_gpu_and_matches_the_cpu(corpus, tmp_path):  # noqa: F811
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return _corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def test_trainer_runs_on_the_gpu_and_matches_the_cpu(corpus, tmp_path):
     torch.cuda.reset_peak_memory_stats()
     gpu = run(tiny_config(corpus, tmp_path / "gpu", steps=3, eval_every=3, device="cuda"))
     assert torch.cuda.max_memory_allocated() > 0  # the model and its activations lived on the GPU
@@ -23,7 +29,7 @@ def test_trainer_runs_on_the_gpu_and_matches_the_cpu(corpus, tmp_path):  # noqa:
     assert gpu[-1]["val_loss"] == pytest.approx(cpu[-1]["val_loss"], rel=1e-4)
 
 
-def test_bf16_autocast_runs_on_the_gpu(corpus, tmp_path):  # noqa: F811
+def test_bf16_autocast_runs_on_the_gpu(corpus, tmp_path):
     metrics = run(tiny_config(corpus, tmp_path / "bf16", steps=2, eval_every=2, device="cuda",
                               precision="bf16"))
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
