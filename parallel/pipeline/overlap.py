@@ -130,7 +130,7 @@ class WaitFiller:
     """Runs queued weight-gradient GEMMs while an expert all-to-all is in flight.
 
     The runtime registers the queue of the ``B`` it is running (``add``) and empties it when that
-    action ends (``remove``). An exchange launched through ``wrap(exchange)`` returns work whose
+    action (the ``B``, or the F&B pair it is part of) ends (``remove``). An exchange launched through ``wrap(exchange)`` returns work whose
     ``wait`` first runs queued GEMMs, oldest first, one at a time while the exchange is not
     complete. Only *when* a weight gradient is computed changes: the same GEMM on the same operands
     (autocast off, as the backward runs it, even when the wait is inside a forward phase),

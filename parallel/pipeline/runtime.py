@@ -71,6 +71,7 @@ class _Step:
     sends: list = field(default_factory=list)
     forwards: dict = field(default_factory=dict)  # (stage, mb, direction) -> _Forward
     deferred: dict = field(default_factory=dict)  # (stage, mb, direction) -> DeferredWeightGrads
+    flush: list = field(default_factory=list)  # a B's queued weight gradients, run when its action ends
     values: dict = field(default_factory=lambda: {MAIN: [], MTP: [], BALANCE: []})
 
 
@@ -165,14 +166,23 @@ class PipelineRuntime:
                 interleave(*pair, backward_first=self.pair_backward_first)
             else:
                 run_in_sequence(*pair)
+            self._flush(step)
         elif action.kind == FORWARD:
             run_in_sequence(self._forward(action, step))
         elif action.kind in (BACKWARD, INPUT_GRAD):
             run_in_sequence(self._backward(action, step))
+            self._flush(step)
         elif action.kind == WEIGHT_GRAD:
             step.deferred.pop(_chunk_key(action)).compute()
         else:
             raise ValueError(f"unknown action {action}")
+
+    def _flush(self, step: _Step) -> None:
+        """The action is over: run what its B left queued."""
+        for pending in step.flush:
+            pending.compute()
+            self.filler.remove(pending)
+        step.flush.clear()
 
     def _buffer(self, tokens: torch.Tensor) -> torch.Tensor:
         """A receive buffer for the activation or gradient of micro-batch ``tokens`` (B, T+1)."""
@@ -207,7 +217,8 @@ class PipelineRuntime:
         forward = step.forwards.pop(_chunk_key(c))
         grad = None if chunk.is_last else self._take(step, consumed(c, self.schedule.n_stages))
         # I defers the weight gradients to the chunk's W; with overlap on a B defers them too, to
-        # its own end, so that the filler can run them inside the waits on the way.
+        # the end of its action, so that the filler can run them inside the waits on the way (the
+        # pair's forward may run on after the B: the last stage's chunks have more phases).
         fill = c.kind == BACKWARD and self.filler is not None
         defer = c.kind == INPUT_GRAD or fill
         with (defer_weight_grad(chunk) if defer else contextlib.nullcontext()) as pending:
@@ -216,9 +227,8 @@ class PipelineRuntime:
             yield from forward.tape.backward_steps(grad, 1.0 / self.schedule.microbatches)
         if c.kind == INPUT_GRAD:
             step.deferred[_chunk_key(c)] = pending
-        elif fill:
-            pending.compute()
-            self.filler.remove(pending)
+        elif fill:  # left for the filler until the action ends: the pair's forward may still wait
+            step.flush.append(pending)
         if not chunk.is_first:
             step.outbox[produced(c, self.schedule.n_stages)] = forward.input.grad
 
