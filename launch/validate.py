@@ -68,8 +68,10 @@ def validate_launch(cfg: Config, target: Target) -> None:
     _check_paths(cfg)
     _check_wandb(cfg)
     if target.on_this_machine:
+        from dsv3_train.trainer import resolve_device
+
         check_precision_backend(cfg)
-        _check_device(cfg)
+        resolve_device(cfg.train.device)  # train.device=cuda needs a GPU where the processes start
         if cfg.train.device != "cpu":
             _check_visible_gpus(target)
     if target.gpu_memory_gib is not None:
@@ -139,13 +141,6 @@ def check_precision_backend(cfg) -> None:
     from dsv3_train.precision.te import require_transformer_engine
 
     require_transformer_engine()
-
-
-def _check_device(cfg) -> None:
-    """train.device=cuda needs a GPU where the processes start."""
-    from dsv3_train.trainer import resolve_device
-
-    resolve_device(cfg.train.device)
 
 
 def _check_visible_gpus(target: Target) -> None:

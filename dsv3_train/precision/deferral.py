@@ -34,10 +34,8 @@ class DeferredWeightGrads:
 
     def compute(self) -> None:
         """Run every queued weight-gradient GEMM (first queued first) and empty the queue."""
-        pending, self._pending = self._pending, []
-        with torch.no_grad():
-            for compute in pending:
-                compute()
+        while self.compute_one():
+            pass
 
     def compute_one(self) -> bool:
         """Run the first queued GEMM (one linear, or one grouped-experts layer); False if none."""

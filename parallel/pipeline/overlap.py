@@ -35,16 +35,16 @@ queued GEMMs while the exchange is still in flight, and only then blocks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from dsv3_train.model.moe import MoE
-from dsv3_train.precision import DeferredWeightGrads
 from dsv3_train.model.transformer import _cross_entropy, shifted_targets
+from dsv3_train.precision import DeferredWeightGrads
 
 from .stage import PipelineStage
 
@@ -130,9 +130,9 @@ class WaitFiller:
     """Runs queued weight-gradient GEMMs while an expert all-to-all is in flight.
 
     The runtime registers the queue of the ``B`` it is running (``add``) and empties it when that
-    action (the ``B``, or the F&B pair it is part of) ends (``remove``). An exchange launched through ``wrap(exchange)`` returns work whose
-    ``wait`` first runs queued GEMMs, oldest first, one at a time while the exchange is not
-    complete. Only *when* a weight gradient is computed changes: the same GEMM on the same operands
+    action (the ``B``, or the F&B pair it is part of) ends (``remove``). An exchange launched
+    through ``wrap(exchange)`` returns work whose ``wait`` first runs queued GEMMs, oldest first,
+    one at a time while the exchange is not complete. Only *when* a weight gradient is computed changes: the same GEMM on the same operands
     (autocast off, as the backward runs it, even when the wait is inside a forward phase),
     accumulated into the same ``.grad`` within the same action, so gradients keep their bits and
     their order from run to run. (An ``I``'s queue is not filled from: its GEMMs wait for the

@@ -29,7 +29,6 @@ The runtime is also the trainer's runtime object (``forward_backward``, ``clip_g
 from __future__ import annotations
 
 import contextlib
-import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -117,7 +116,7 @@ class PipelineRuntime:
         """With ``profile``: (kind, start, end) of every compute action of the last step."""
         self.is_main = dist.get_rank() == 0
         self.reduce_load = zero.reduce_expert_load(mesh) if mesh is not None and self.dp_size > 1 else None
-        self.checkpoint_layout = None
+        self.checkpoint_layout = PipelineCheckpointLayout(stages, mesh) if mesh is not None else None
 
     def set_exchange(self, exchange) -> None:
         """Route the dispatchers' row exchanges through ``exchange`` (all_to_all_single's
@@ -374,9 +373,7 @@ class PipelineCheckpointLayout:
     """
 
     def __init__(self, stages: RankStages, mesh):
-        self.local = {canonical_name(name): name
-                      for name in itertools.chain(stages.state_dict().keys(),
-                                                  (n for n, _ in stages.named_parameters()))}
+        self.local = {canonical_name(name): name for name in stages.state_dict()}  # params + buffers
         self.experts = ExpertCheckpointLayout(stages, mesh, rename=canonical_name)
 
     @staticmethod
@@ -412,5 +409,4 @@ def build_pipeline(model: nn.Module, mesh, schedule_name: str, microbatches: int
             zero.apply_zero(root, mesh, stage=zero_stage)
     runtime = PipelineRuntime(stages, schedule, mesh.group("pp"), dp_group=mesh.group("dp"),
                               overlap=overlap, autocast=autocast, mesh=mesh)
-    runtime.checkpoint_layout = PipelineCheckpointLayout(stages, mesh)
     return stages, runtime

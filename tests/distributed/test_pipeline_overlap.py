@@ -8,7 +8,6 @@ the wait filler runs queued weight-gradient GEMMs only while an exchange is in f
 queue first, and changes no bit of the gradients.
 """
 import contextlib
-import io
 import time
 
 import pytest
@@ -74,12 +73,6 @@ def _grads(blocks, x) -> dict:
     return out
 
 
-def _serialise(obj) -> bytes:
-    buffer = io.BytesIO()  # bytes: a tensor on the result queue dies with this process
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
 def _phase_split_worker(rank, world):
     blocks, inputs, grads, cos, sin = _blocks(rank)
     results = {}
@@ -98,7 +91,7 @@ def _phase_split_worker(rank, world):
         run_in_sequence(_finish(carry, tape).backward_steps(grads[0], 1.0))
         results["cut" if cut else "uncut"] = _grads(blocks, x)
         results[f"segments_{cut}"] = len(tape.segments)
-    return _serialise(results)
+    return results  # run_ranks hands results back by value
 
 
 def _pair_worker(rank, world):
@@ -145,7 +138,7 @@ def _pair_worker(rank, world):
         results[f"events_{mode}"] = list(events)
         run_in_sequence(_finish(carry_a, tape_a).backward_steps(grads[0], 1.0))
         results[mode] = {**_grads(blocks, x_a), "input_b": x_b.grad.clone()}
-    return _serialise(results)
+    return results  # run_ranks hands results back by value
 
 
 def _filler_worker(rank, world, precision):
@@ -201,12 +194,12 @@ def _link_worker(rank, world):
 
 @pytest.fixture(scope="module")
 def phase_split():
-    return [torch.load(io.BytesIO(r)) for r in run_ranks(_phase_split_worker, 2, timeout=120)]
+    return run_ranks(_phase_split_worker, 2, timeout=120)
 
 
 @pytest.fixture(scope="module")
 def pair():
-    return [torch.load(io.BytesIO(r)) for r in run_ranks(_pair_worker, 2, timeout=120)]
+    return run_ranks(_pair_worker, 2, timeout=120)
 
 
 def _rel_err(a, b) -> float:
